@@ -1,0 +1,294 @@
+"""Input pipeline: ImageNet-layout folders -> uint8 batches -> normalised tensors on the device.
+
+Design choices (why, not what):
+  * Workers decode and crop with PIL and hand over **uint8** tensors: 4x less
+    data through shared memory and pinned host memory than float32, and the
+    float conversion + normalisation run on the device, in the model's memory
+    format, where they are nearly free. The arithmetic is the same as
+    torchvision's ToTensor/ConvertImageDtype + Normalize, so evaluation tensors
+    are bit-identical to torchvision's ImageNet eval preset.
+  * A file that cannot be decoded does not kill a multi-day run: the dataset
+    returns None for it and the collate function drops it and reports its path,
+    so the trainer can warn, count and enforce --max-bad-images.
+  * Augmentation randomness is derived from (seed, epoch, sample index) rather
+    than from whichever worker happens to load the sample, so a run resumed
+    mid-epoch, or run with a different --workers, sees the same crops.
+  * Validation is sharded without padding (ExactEvalSampler): every image is
+    evaluated exactly once, however many ranks.
+"""
+import math
+import os
+
+import torch
+import torch.utils.data
+from PIL import Image, ImageFile
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
+                  "nearest": InterpolationMode.NEAREST}
+
+# A truncated JPEG must be an error we can catch and report, never a silently half-grey image.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class DataError(ValueError):
+    """A dataset problem the user must fix (one-line message)."""
+
+
+# ----------------------------------------------------------------------------
+# Layout checks: fail before any model is built
+# ----------------------------------------------------------------------------
+
+def _is_hidden(name):
+    return name.startswith(".") or name in ("Thumbs.db", "desktop.ini", "__MACOSX")
+
+
+def list_classes(folder):
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not _is_hidden(e.name))
+
+
+def is_image_file(path):
+    name = os.path.basename(path)
+    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def check_dataset_layout(root):
+    """Return the class names of an ImageNet-layout folder, or raise DataError saying what is wrong."""
+    if not root:
+        raise DataError("no dataset given: pass --data-path /path/to/imagenet (a folder with train/ and val/)")
+    if not os.path.isdir(root):
+        raise DataError(f"--data-path {root}: no such directory")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(root, split)):
+            raise DataError(f"--data-path {root}: missing '{split}/' folder (expected {root}/{split}/<class>/<image>)")
+    train_classes = list_classes(os.path.join(root, "train"))
+    val_classes = list_classes(os.path.join(root, "val"))
+    if not train_classes:
+        raise DataError(f"{root}/train has no class folders (expected train/<class>/<image>)")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))[:5]
+        only_val = sorted(set(val_classes) - set(train_classes))[:5]
+        raise DataError(f"val classes differ from train classes ({len(val_classes)} vs {len(train_classes)}; "
+                        f"only in train: {only_train}, only in val: {only_val})")
+    return train_classes
+
+
+# ----------------------------------------------------------------------------
+# Dataset
+# ----------------------------------------------------------------------------
+
+def load_rgb(path):
+    """Decode any image PIL can read into RGB (grayscale, CMYK, palette and RGBA included)."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
+        # Composite transparency onto white, as a viewer would, instead of keeping undefined colours.
+        img = img.convert("RGBA")
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img, mask=img.getchannel("A"))
+        return background
+    return img.convert("RGB")
+
+
+class ImageFolderDataset(datasets.ImageFolder):
+    """torchvision's ImageFolder that skips hidden files, reports undecodable ones, and reseeds per sample."""
+
+    def __init__(self, root, transform, seed=0):
+        super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=is_image_file,
+                         allow_empty=True)
+        self.seed = seed
+        self.epoch = 0
+        if not self.samples:
+            raise DataError(f"{root} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __getitem__(self, index):
+        path, target = self.samples[index]
+        try:
+            image = self.loader(path)
+        except Exception as e:  # truncated, zero-byte, not an image: report, don't crash
+            return BadSample(path, f"{type(e).__name__}: {e}")
+        if torch.utils.data.get_worker_info() is None:
+            # In the main process: don't disturb the trainer's own RNG stream.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self._sample_seed(index))
+                return self.transform(image), target
+        torch.manual_seed(self._sample_seed(index))
+        return self.transform(image), target
+
+    def _sample_seed(self, index):
+        return (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 63)
+
+
+class BadSample:
+    """Placeholder for an unreadable file; dropped by collate and reported by the trainer."""
+
+    def __init__(self, path, reason):
+        self.path, self.reason = path, reason
+
+
+class Batch:
+    """uint8 images, targets, and the files in this batch that could not be read."""
+
+    def __init__(self, images, targets, bad):
+        self.images, self.targets, self.bad = images, targets, bad
+
+    def pin_memory(self):
+        self.images = self.images.pin_memory()
+        self.targets = self.targets.pin_memory()
+        return self
+
+
+def collate_skip_bad(samples):
+    good = [s for s in samples if not isinstance(s, BadSample)]
+    bad = [(s.path, s.reason) for s in samples if isinstance(s, BadSample)]
+    if good:
+        images = torch.stack([s[0] for s in good])
+        targets = torch.tensor([s[1] for s in good], dtype=torch.int64)
+    else:
+        images = torch.empty(0, dtype=torch.uint8)
+        targets = torch.empty(0, dtype=torch.int64)
+    return Batch(images, targets, bad)
+
+
+# ----------------------------------------------------------------------------
+# Transforms (workers: PIL -> uint8 CHW; device: float, normalise)
+# ----------------------------------------------------------------------------
+
+def train_transform(crop_size, interpolation="bilinear", scale=(0.08, 1.0), hflip_prob=0.5):
+    steps = [transforms.RandomResizedCrop(crop_size, scale=tuple(scale), interpolation=INTERPOLATIONS[interpolation],
+                                          antialias=True)]
+    if hflip_prob > 0:
+        steps.append(transforms.RandomHorizontalFlip(hflip_prob))
+    steps.append(transforms.PILToTensor())
+    return transforms.Compose(steps)
+
+
+def eval_transform(resize_size, crop_size, interpolation="bilinear"):
+    return transforms.Compose([
+        transforms.Resize(resize_size, interpolation=INTERPOLATIONS[interpolation], antialias=True),
+        transforms.CenterCrop(crop_size),
+        transforms.PILToTensor(),
+    ])
+
+
+class DeviceNormalize:
+    """uint8 NCHW batch on the host -> normalised float batch on the device, in the model's memory format.
+
+    Same operations, in the same order and dtype, as ConvertImageDtype (x / 255) then Normalize
+    ((x - mean) / std), so results match torchvision's CPU preprocessing bit for bit.
+    """
+
+    def __init__(self, device, channels_last=False, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+
+    def __call__(self, images_uint8):
+        x = images_uint8.to(self.device, non_blocking=True)
+        x = x.contiguous(memory_format=self.memory_format).float()
+        x = x / 255.0
+        return x.sub_(self.mean).div_(self.std)
+
+
+# ----------------------------------------------------------------------------
+# Samplers
+# ----------------------------------------------------------------------------
+
+class ResumableDistributedSampler(torch.utils.data.Sampler):
+    """Shuffled shard of the training set for one rank, able to start mid-epoch.
+
+    Like DistributedSampler (a fresh permutation per epoch from seed + epoch, padded
+    so every rank gets the same number of samples), plus `start_index` so that a
+    run resumed after preemption skips exactly the samples it has already seen.
+    """
+
+    def __init__(self, dataset_size, num_replicas=1, rank=0, seed=0, shuffle=True):
+        self.dataset_size = dataset_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.start_index = 0
+        self.num_samples = math.ceil(dataset_size / num_replicas)
+
+    def set_epoch(self, epoch, start_index=0):
+        self.epoch = epoch
+        self.start_index = start_index
+
+    def _rank_indices(self):
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_size, generator=g).tolist()
+        else:
+            order = list(range(self.dataset_size))
+        total = self.num_samples * self.num_replicas
+        order += order[: total - len(order)]  # pad by wrapping, as DistributedSampler does
+        return order[self.rank:total:self.num_replicas]
+
+    def __iter__(self):
+        return iter(self._rank_indices()[self.start_index:])
+
+    def __len__(self):
+        return self.num_samples - self.start_index
+
+
+class ExactEvalSampler(torch.utils.data.Sampler):
+    """Rank r evaluates images r, r+W, r+2W, ...: no padding, no drops, each image exactly once."""
+
+    def __init__(self, dataset_size, num_replicas=1, rank=0):
+        self.indices = list(range(rank, dataset_size, num_replicas))
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+# ----------------------------------------------------------------------------
+# Loaders
+# ----------------------------------------------------------------------------
+
+def default_workers(world_size=1):
+    """Share the machine's cores among the ranks on it, leaving one for the trainer itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(8, cores // max(1, world_size) - 1))
+
+
+def make_loader(dataset, sampler, batch_size, workers, pin_memory, seed, drop_last=False):
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skip_bad,
+        pin_memory=pin_memory, drop_last=drop_last, generator=generator,
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+class SyntheticLoader:
+    """Random uint8 images made once on the host; the same model/AMP path runs on them, no disk involved."""
+
+    def __init__(self, batch_size, crop_size, num_classes, steps, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.batch = Batch(torch.randint(0, 256, (batch_size, 3, crop_size, crop_size), dtype=torch.uint8,
+                                         generator=g),
+                           torch.randint(0, num_classes, (batch_size,), generator=g), [])
+        self.steps = steps
+        self.sampler = None
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.batch
+
+    def __len__(self):
+        return self.steps

@@ -1,0 +1,666 @@
+"""Train and evaluate DenseNet on an ImageNet-layout folder, on one device or many.
+
+    python main.py --data-path /data/imagenet                      # whatever device is here
+    torchrun --nproc_per_node 8 main.py --data-path ... -b 1024    # DDP; -b is the global batch
+
+Reads top to bottom: arguments, then main() (devices, data, model, optimizer,
+resume, the epoch loop), then train_one_epoch() and evaluate(). Everything that
+differs between Ascend NPU, NVIDIA GPU and CPU is in device.py.
+"""
+import argparse
+import math
+import os
+import signal
+import sys
+import time
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data as data_lib
+import densenet
+import utils
+from device import DeviceError, build_mixed_precision, build_sgd, resolve_device
+from utils import UserError, log
+
+EXIT_USER_ERROR = 2
+EXIT_NUMERICAL_ERROR = 3
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- resume with --resume auto
+
+# torchvision's published weights, as they sit in the torch hub cache (nothing is downloaded here).
+TORCHVISION_WEIGHT_FILES = {
+    "densenet121": "densenet121-a639ec97.pth",
+    "densenet161": "densenet161-8d451a50.pth",
+    "densenet169": "densenet169-b2777c0a.pth",
+    "densenet201": "densenet201-c1103571.pth",
+}
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="DenseNet ImageNet training (Ascend NPU / NVIDIA GPU / CPU)")
+    a = p.add_argument
+    # data
+    a("--data-path", "--data_path", dest="data_path", default=None, help="folder with train/<class>/ and val/<class>/")
+    a("--synthetic", action="store_true", help="random images instead of a dataset (performance runs)")
+    a("-j", "--workers", type=int, default=None, help="data loading workers per process (default: from CPU count)")
+    a("--train-crop-size", type=int, default=224)
+    a("--val-resize-size", type=int, default=256)
+    a("--val-crop-size", type=int, default=224)
+    a("--interpolation", default="bilinear", choices=sorted(data_lib.INTERPOLATIONS))
+    a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+      help="area range of RandomResizedCrop (torchvision's default 0.08 1.0)")
+    a("--hflip-prob", type=float, default=0.5, help="probability of a horizontal flip in training")
+    a("--max-bad-images", type=int, default=100, help="stop if more unreadable training images than this")
+    # model
+    a("--model", default="densenet201", choices=sorted(densenet.MODELS))
+    a("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
+      help="default: number of class folders in train/ (1000 for --synthetic)")
+    a("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
+    a("--memory-efficient", action="store_true", help="gradient checkpointing in dense layers: less memory, ~20%% slower")
+    a("--pretrained", action="store_true", help="start from pretrained weights (see --pretrained_weight_path)")
+    a("--pretrained_weight_path", "--pretrained-weight-path", dest="pretrained_weight_path", default=None)
+    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+      help="NHWC memory format (default: on for cuda/cpu, off for npu)")
+    a("--compile", action="store_true", help="torch.compile the model (compile time reported separately)")
+    # optimisation
+    a("--epochs", type=int, default=90)
+    a("-b", "--batch-size", type=int, default=128, help="global batch size (divided among ranks)")
+    a("--lr", type=float, default=0.1)
+    a("--momentum", type=float, default=0.9)
+    a("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4)
+    a("--norm-weight-decay", type=float, default=0.0,
+      help="weight decay for BatchNorm weights and all biases (default 0: not decayed)")
+    a("--label-smoothing", type=float, default=0.0)
+    a("--lr-scheduler", default="step", choices=["step", "cosine", "exponential"])
+    a("--lr-step-size", type=int, default=30)
+    a("--lr-gamma", type=float, default=0.1)
+    a("--lr-min", type=float, default=0.0)
+    a("--lr-warmup-epochs", type=float, default=0)
+    a("--lr-warmup-method", default="linear", choices=["linear", "constant"])
+    a("--lr-warmup-decay", type=float, default=0.01, help="warm-up starts at lr * this")
+    a("--clip-grad-norm", type=float, default=None)
+    # mixed precision
+    a("--amp", action="store_true", help="mixed precision (backend/dtype by device, see README)")
+    a("--apex", action="store_true", help="the reference's spelling of --amp --amp-backend apex")
+    a("--amp-backend", default="auto", choices=["auto", "apex", "native"])
+    a("--amp-dtype", default="auto", choices=["auto", "fp16", "bf16"])
+    a("--apex-opt-level", default="O2", choices=["O0", "O1", "O2", "O3"])
+    a("--loss_scale_value", "--loss-scale-value", dest="loss_scale_value", default=None,
+      help="a number (static loss scale) or 'dynamic' (fp16 only; default dynamic)")
+    # devices and distribution
+    a("--device", default="auto", choices=["auto", "npu", "cuda", "cpu"])
+    a("--device_id", "--device-id", dest="device_id", type=int, default=None, help="device index for 1-device runs")
+    a("--distributed", action="store_true", help="require a distributed launch (implied under torchrun)")
+    a("--world-size", type=int, default=None, help="number of processes (taken from the launcher)")
+    a("--dist-url", default="env://")
+    a("--dist_rank", "--dist-rank", dest="dist_rank", type=int, default=0, help="node rank (RANK_ID launches)")
+    a("--dist-backend", default=None, choices=["hccl", "nccl", "gloo"], help="default: follows the device")
+    a("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails the job")
+    a("--device_ids", "--device-ids", dest="device_ids", default=None,
+      help="comma-separated devices for local ranks 0,1,..., e.g. 0,1,2,3")
+    a("--sync-bn", action="store_true")
+    # run control
+    a("--output-dir", default=".", help="checkpoints and metrics go here")
+    a("--resume", default="", help="checkpoint to resume from, or 'auto' for the latest in --output-dir")
+    a("--start-epoch", type=int, default=0)
+    a("--test-only", action="store_true")
+    a("--print-freq", type=int, default=10)
+    a("--log-file", default=None, help="also write this process's output here; {rank} becomes the global rank")
+    a("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    a("--warmup-steps", type=int, default=5, help="steps excluded from the steady-state FPS")
+    a("--keep-checkpoints", type=int, default=None, help="keep only the newest K model_<epoch>.pth")
+    a("--seed", type=int, default=1234)
+    a("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
+    return p
+
+
+# ----------------------------------------------------------------------------
+# Argument validation: everything that can be known before touching data
+# ----------------------------------------------------------------------------
+
+def validate_args(args):
+    checks = [
+        (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
+        (args.batch_size <= 0, f"--batch-size must be > 0, got {args.batch_size}"),
+        (args.lr < 0, f"--lr must be >= 0, got {args.lr}"),
+        (args.workers is not None and args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.print_freq <= 0, f"--print-freq must be > 0, got {args.print_freq}"),
+        (args.max_steps is not None and args.max_steps <= 0, f"--max-steps must be > 0, got {args.max_steps}"),
+        (min(args.train_crop_size, args.val_crop_size, args.val_resize_size) <= 0, "image sizes must be > 0"),
+        (args.val_crop_size > args.val_resize_size, "--val-crop-size cannot exceed --val-resize-size"),
+        (args.num_classes is not None and args.num_classes <= 0, "--num_classes must be > 0"),
+        (args.test_only and not (args.resume or args.pretrained),
+         "--test-only needs weights: give --resume CHECKPOINT or --pretrained"),
+        (not args.synthetic and not args.data_path, "no dataset: pass --data-path /path/to/imagenet (or --synthetic)"),
+        (args.keep_checkpoints is not None and args.keep_checkpoints < 1, "--keep-checkpoints must be >= 1"),
+        (args.lr_step_size <= 0, "--lr-step-size must be > 0"),
+        (args.lr_warmup_epochs < 0, "--lr-warmup-epochs must be >= 0"),
+    ]
+    for failed, message in checks:
+        if failed:
+            raise UserError(message)
+    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")
+    if args.pretrained_weight_path and not os.path.isfile(args.pretrained_weight_path):
+        raise UserError(f"--pretrained_weight_path {args.pretrained_weight_path}: no such file")
+    if args.device_ids:
+        try:
+            args.device_ids = [int(x) for x in str(args.device_ids).split(",") if x.strip()]
+        except ValueError:
+            raise UserError(f"--device_ids must be comma-separated integers, got {args.device_ids!r}")
+    if not args.synthetic:
+        args.classes = data_lib.check_dataset_layout(args.data_path)
+    if args.output_dir:
+        try:
+            os.makedirs(args.output_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--output-dir {args.output_dir}: cannot create ({e.strerror})")
+        if not os.access(args.output_dir, os.W_OK):
+            raise UserError(f"--output-dir {args.output_dir}: not writable")
+
+
+def setup_process(args):
+    """Work out rank/world size from the launcher and bind this process's device."""
+    env = utils.launcher_env()
+    if env is not None and env[2] > 1:
+        args.rank, args.local_rank, args.world_size = env
+        args.distributed = True
+    elif args.distributed:
+        raise UserError("--distributed needs a launcher: run under torchrun (sets RANK, LOCAL_RANK, WORLD_SIZE) "
+                        "or use test/train_full_8p.sh")
+    else:
+        args.rank, args.local_rank, args.world_size = 0, 0, 1
+    device_ids = args.device_ids
+    if not args.distributed and args.device_id is not None:
+        device_ids = [args.device_id]
+    device = resolve_device(args.device, args.local_rank, device_ids)
+    if device.type == "cpu" and args.distributed and "OMP_NUM_THREADS" not in os.environ:
+        # Ranks on one machine share its cores; oversubscribed OpenMP threads slow CPU training many-fold.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    if args.distributed:
+        if args.batch_size % args.world_size:
+            raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide evenly "
+                            f"among {args.world_size} ranks")
+        utils.init_distributed(args, device)
+    return device
+
+
+# ----------------------------------------------------------------------------
+# Model, optimizer, learning rate
+# ----------------------------------------------------------------------------
+
+def load_pretrained(model, args):
+    """Load --pretrained_weight_path, else torchvision's file from the hub cache; re-init a classifier that
+    does not fit --num_classes. Everything else must match exactly."""
+    path = args.pretrained_weight_path
+    if not path:
+        filename = TORCHVISION_WEIGHT_FILES[args.model]
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+        if not os.path.isfile(path):
+            raise UserError(f"--pretrained: no weights on disk; download https://download.pytorch.org/models/"
+                            f"{filename} to {path} (or pass --pretrained_weight_path FILE)")
+    state_dict = densenet.convert_legacy_keys(utils.extract_state_dict(utils.load_safe(path)))
+    own = model.state_dict()
+    skipped = [k for k in ("classifier.weight", "classifier.bias")
+               if k in state_dict and k in own and state_dict[k].shape != own[k].shape]
+    weight_classes = state_dict["classifier.weight"].shape[0] if skipped else None
+    for k in skipped:
+        del state_dict[k]
+    mismatch = utils.describe_mismatch(model, {**state_dict, **{k: own[k] for k in skipped}})
+    if mismatch:
+        raise UserError(f"{path} does not fit --model {args.model}: {mismatch}")
+    model.load_state_dict(state_dict, strict=not skipped)
+    log(f"Loaded pretrained weights from {path}")
+    if skipped:
+        log(f"Classifier re-initialised for {own['classifier.weight'].shape[0]} classes (the weights have "
+            f"{weight_classes}); not loaded: {', '.join(skipped)}")
+
+
+def param_groups(model, weight_decay, norm_weight_decay):
+    """Decay conv/linear weights; BatchNorm weights and biases get --norm-weight-decay (0 by default)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": norm_weight_decay}]
+
+
+def learning_rate(args, epoch_progress):
+    """Closed-form LR at a (fractional) epoch: optional warm-up, then step / cosine / exponential decay.
+
+    Computed every step rather than kept in a stateful scheduler, so a run resumed
+    mid-epoch lands on exactly the same value.
+    """
+    warmup = args.lr_warmup_epochs
+    if epoch_progress < warmup:
+        if args.lr_warmup_method == "constant":
+            return args.lr * args.lr_warmup_decay
+        return args.lr * (args.lr_warmup_decay + (1 - args.lr_warmup_decay) * epoch_progress / warmup)
+    t = epoch_progress - warmup
+    if args.lr_scheduler == "step":
+        return args.lr * args.lr_gamma ** math.floor(t / args.lr_step_size)
+    if args.lr_scheduler == "exponential":
+        return args.lr * args.lr_gamma ** math.floor(t)
+    total = max(args.epochs - warmup, 1e-8)
+    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0)))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+# ----------------------------------------------------------------------------
+# Preemption and numerical faults
+# ----------------------------------------------------------------------------
+
+class Preempted(Exception):
+    pass
+
+
+class NumericalError(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """Remember SIGTERM/SIGINT so the trainer can finish its step and checkpoint instead of dying mid-write."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        self.control_group = None  # gloo group: agreeing to stop costs no device sync
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self):
+        """True on every rank as soon as any rank was signalled."""
+        if not utils.is_dist():
+            return self.requested
+        flag = torch.tensor([1 if self.requested else 0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+def checkpoint_state(model_without_ddp, optimizer, amp, args, next_epoch, next_step, best_acc1, classes, device):
+    return {
+        "model": model_without_ddp.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": {"name": args.lr_scheduler, "next_epoch": next_epoch},
+        "amp": amp.state_dict(),
+        "epoch": next_epoch - 1 if next_step == 0 else next_epoch,
+        "next_epoch": next_epoch,
+        "next_step": next_step,
+        "best_acc1": best_acc1,
+        "classes": list(classes),
+        "args": utils.args_to_dict(args),
+        "world_size": utils.get_world_size(),
+        "rng": utils.rng_state(device),
+    }
+
+
+def save_checkpoint(state, args, epoch=None, is_best=False):
+    """checkpoint.pth always; model_<epoch>.pth at epoch ends; model_best.pth on a new best. Rank 0 only."""
+    if not utils.is_main_process() or not args.output_dir:
+        return
+    utils.save_atomic(state, os.path.join(args.output_dir, "checkpoint.pth"))
+    if epoch is not None:
+        utils.save_atomic(state, os.path.join(args.output_dir, f"model_{epoch}.pth"))
+        if args.keep_checkpoints:
+            epochs = sorted(int(n[6:-4]) for n in os.listdir(args.output_dir)
+                            if n.startswith("model_") and n[6:-4].isdigit())
+            for old in epochs[:-args.keep_checkpoints]:
+                os.remove(os.path.join(args.output_dir, f"model_{old}.pth"))
+    if is_best:
+        best = {k: state[k] for k in ("model", "epoch", "best_acc1", "classes", "args")}
+        utils.save_atomic(best, os.path.join(args.output_dir, "model_best.pth"))
+
+
+# ----------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------
+
+def main(args):
+    validate_args(args)
+    device = setup_process(args)
+    stop = StopSignal()
+    if utils.is_dist():
+        stop.control_group = dist.new_group(backend="gloo")
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    utils.seed_everything(args.seed + args.rank)
+    world = args.world_size
+    local_batch = args.batch_size // world
+    workers = data_lib.default_workers(world) if args.workers is None else args.workers
+    channels_last = args.channels_last if args.channels_last is not None else device.type in ("cuda", "cpu")
+    log(f"Device: {device.describe()}; world size {world}; "
+        + (f"global batch {args.batch_size} = {world} x {local_batch}" if args.distributed
+           else f"batch {args.batch_size}") + f"; workers {workers} per process")
+
+    # -- data ----------------------------------------------------------------
+    if args.synthetic:
+        classes = [str(i) for i in range(args.num_classes or 1000)]
+        steps = args.max_steps or 100
+        train_loader = data_lib.SyntheticLoader(local_batch, args.train_crop_size, len(classes), steps, args.seed)
+        val_loader = None
+    else:
+        classes = args.classes
+        train_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "train"),
+                                                data_lib.train_transform(args.train_crop_size, args.interpolation,
+                                                                         args.crop_scale, args.hflip_prob),
+                                                seed=args.seed)
+        val_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "val"),
+                                              data_lib.eval_transform(args.val_resize_size, args.val_crop_size,
+                                                                      args.interpolation), seed=args.seed)
+        train_sampler = data_lib.ResumableDistributedSampler(len(train_set), world, args.rank, args.seed)
+        val_sampler = data_lib.ExactEvalSampler(len(val_set), world, args.rank)
+        pin = device.is_accelerator
+        train_loader = data_lib.make_loader(train_set, train_sampler, local_batch, workers, pin, args.seed)
+        val_loader = data_lib.make_loader(val_set, val_sampler, local_batch, workers, pin, args.seed)
+        log(f"Data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes from {args.data_path}")
+    num_classes = args.num_classes or len(classes)
+    normalize = data_lib.DeviceNormalize(device.torch_device, channels_last)
+
+    # -- model ---------------------------------------------------------------
+    model = densenet.build_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
+                                 memory_efficient=args.memory_efficient)
+    if args.pretrained:
+        load_pretrained(model, args)
+    model.to(device.torch_device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    amp = build_mixed_precision(args, device)
+    optimizer = build_sgd(param_groups(model, args.weight_decay, args.norm_weight_decay), args.lr,
+                          args.momentum, device, use_apex=amp.backend == "apex")
+    model, optimizer = amp.initialize(model, optimizer)
+    log(f"Model: {args.model}, {num_classes} classes, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
+        f"parameters; {'channels_last' if channels_last else 'NCHW'}; precision: {amp.describe()}")
+    if args.amp and amp.backend == "native" and args.loss_scale_value not in (None, "dynamic") and amp.scaler is None:
+        log(f"Note: --loss_scale_value {args.loss_scale_value} ignored: bf16 needs no loss scaling")
+    if args.amp and device.type != "npu" and amp.backend == "native":
+        log("Note: apex AMP is used on Ascend NPUs only; on this device --amp uses native torch.amp")
+    model_without_ddp = model
+    if args.distributed:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.is_accelerator else None)
+    train_model = torch.compile(model) if args.compile else model
+    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+
+    # -- resume --------------------------------------------------------------
+    start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
+    resume_path = utils.find_latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+    if args.resume == "auto" and not resume_path:
+        log(f"--resume auto: no checkpoint in {args.output_dir}, starting fresh")
+    rng_to_restore = None
+    if resume_path:
+        ckpt = utils.load_safe(resume_path)
+        state_dict = densenet.convert_legacy_keys(utils.extract_state_dict(ckpt))
+        mismatch = utils.describe_mismatch(model_without_ddp, state_dict)
+        if mismatch:
+            raise UserError(f"{resume_path} does not match --model {args.model} with {num_classes} classes: {mismatch}")
+        model_without_ddp.load_state_dict(state_dict)
+        if not args.test_only and "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            amp.load_state_dict(ckpt.get("amp"))
+            start_epoch = ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1)
+            start_step = ckpt.get("next_step", 0)
+            best_acc1 = ckpt.get("best_acc1", 0.0)
+            if ckpt.get("world_size", world) == world:
+                rng_to_restore = ckpt.get("rng")
+            elif start_step:
+                raise UserError(f"{resume_path} was saved mid-epoch by {ckpt['world_size']} ranks; resume it with "
+                                f"the same number of ranks (or from an epoch-end model_<epoch>.pth)")
+        classes = ckpt.get("classes") or classes
+        log(f"Resumed from {resume_path}: epoch {start_epoch}, step {start_step}")
+
+    if args.test_only:
+        if val_loader is None:
+            raise UserError("--test-only needs a dataset (not --synthetic)")
+        evaluate(model_without_ddp, val_loader, normalize, amp, device, args)
+        return 0
+
+    # -- train ---------------------------------------------------------------
+    history, best_epoch = [], None
+    if not resume_path and utils.is_main_process() and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
+        os.remove(os.path.join(args.output_dir, "metrics.jsonl"))  # a fresh run starts a fresh curve
+    log(f"Start training: epochs {start_epoch}..{args.epochs - 1}, lr {args.lr} ({args.lr_scheduler})")
+    run_start = time.time()
+    for epoch in range(start_epoch, args.epochs):
+        if train_loader.sampler is not None:
+            train_loader.sampler.set_epoch(epoch, start_step * local_batch)
+            train_loader.dataset.set_epoch(epoch)
+        if rng_to_restore is not None:
+            utils.set_rng_state(rng_to_restore, device)  # continue the random streams exactly where they were
+            rng_to_restore = None
+        try:
+            train_stats = train_one_epoch(train_model, criterion, optimizer, train_loader, normalize, amp, device, epoch,
+                            start_step, args, stop)
+        except Preempted:
+            steps_done = stop.steps_done
+            save_checkpoint(checkpoint_state(model_without_ddp, optimizer, amp, args, epoch, steps_done, best_acc1,
+                                             classes, device), args)
+            log(f"Preempted by {stop.signal_name or 'a signal'} at epoch {epoch} step {steps_done}: checkpoint "
+                f"saved to {os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
+            return EXIT_PREEMPTED
+        start_step = 0
+        val_stats = evaluate(model_without_ddp, val_loader, normalize, amp, device, args) if val_loader else {}
+        acc1 = val_stats.get("acc1", 0.0)
+        is_best = acc1 > best_acc1
+        if is_best:
+            best_acc1, best_epoch = acc1, epoch
+        save_checkpoint(checkpoint_state(model_without_ddp, optimizer, amp, args, epoch + 1, 0, best_acc1, classes,
+                                         device), args, epoch=epoch, is_best=is_best)
+        history.append({"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in val_stats.items()}})
+        utils.append_metrics(args.output_dir, history[-1])
+        epochs_left = args.epochs - epoch - 1
+        if epochs_left:
+            per_epoch = (time.time() - run_start) / len(history)  # training and evaluation
+            log(f"Epoch: [{epoch}] run eta: {utils.format_eta(per_epoch * epochs_left)} "
+                f"({epochs_left} epochs left, evaluation included)")
+    print_run_summary(history, best_acc1, best_epoch, time.time() - run_start)
+    return 0
+
+
+def print_run_summary(history, best_acc1, best_epoch, total_seconds):
+    fps = [h["fps"] for h in history if h.get("fps")]
+    log("Run summary")
+    log(f"  epochs trained : {len(history)}")
+    log(f"  best Acc@1     : {best_acc1:.3f}" + (f" (epoch {best_epoch})" if best_epoch is not None else ""))
+    log(f"  total time     : {utils.format_eta(total_seconds)}")
+    log(f"  mean FPS       : {sum(fps) / len(fps):.2f} img/s" if fps else "  mean FPS       : n/a")
+
+
+# ----------------------------------------------------------------------------
+# One epoch of training
+# ----------------------------------------------------------------------------
+
+def train_one_epoch(model, criterion, optimizer, loader, normalize, amp, device, epoch, start_step, args, stop):
+    model.train()
+    dev = device.torch_device
+    steps_per_epoch = len(loader) + start_step
+    if args.max_steps:
+        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+    throughput = utils.Throughput(device, warmup=args.warmup_steps)
+    # Running sums stay on the device; they are read (one sync) only every --print-freq steps.
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
+    bad_files = []
+    window_start, window_images = time.perf_counter(), 0
+    epoch_start = time.perf_counter()
+    last_loss = torch.zeros((), device=dev)
+    stop.steps_done = start_step
+    step = start_step
+    for step, batch in enumerate(loader, start=start_step):
+        if step >= steps_per_epoch:
+            break
+        if batch.bad:
+            report_bad_files(batch.bad, bad_files, args)
+        n = len(batch.targets)
+        if n:
+            images = normalize(batch.images)
+            targets = batch.targets.to(dev, non_blocking=True)
+            set_lr(optimizer, learning_rate(args, epoch + step / steps_per_epoch))
+            with amp.autocast():
+                output = model(images)
+                loss = criterion(output, targets)
+            # Record the first step with a non-finite loss without a host sync; checked at print time.
+            bad_now = ~torch.isfinite(loss.detach())
+            first_bad_step.copy_(torch.where(bad_now & (first_bad_step < 0), step, first_bad_step))
+            optimizer.zero_grad(set_to_none=True)
+            amp.backward_and_step(loss, optimizer, model.parameters(), args.clip_grad_norm)
+            last_loss = loss.detach()
+            counts = utils.accuracy_counts(output.detach(), targets)
+            sums += torch.stack([last_loss.double() * n, counts[0].double(), counts[1].double(),
+                                 torch.tensor(n, dtype=torch.float64, device=dev)])
+        throughput.step(n)
+        window_images += n
+        stop.steps_done = step + 1
+        if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
+            check_finite(first_bad_step, epoch)
+            device.synchronize()
+            now = time.perf_counter()
+            loss_sum, c1, c5, seen = sums.tolist()
+            img_per_s = window_images / (now - window_start)
+            steps_left = steps_per_epoch - step - 1
+            eta = (now - epoch_start) / (step + 1 - start_step) * steps_left
+            log(f"Epoch: [{epoch}]  [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}]  "
+                f"eta: {utils.format_eta(eta)}  lr: {optimizer.param_groups[0]['lr']:.6f}  "
+                f"img/s: {img_per_s * utils.get_world_size():.1f}  loss: {float(last_loss):.4f} "
+                f"({loss_sum / max(seen, 1):.4f})  acc1: {100 * c1 / max(seen, 1):.3f}  "
+                f"acc5: {100 * c5 / max(seen, 1):.3f}" + (f"  skipped: {int(amp.skipped_steps)}"
+                                                          if amp.scaler is not None else ""))
+            window_start, window_images = now, 0
+        if stop.should_stop():
+            check_finite(first_bad_step, epoch)
+            raise Preempted()
+    check_finite(first_bad_step, epoch)
+    fps = throughput.finish()
+    elapsed = time.perf_counter() - epoch_start
+    loss_sum, c1, c5, seen = utils.all_reduce_sum(sums.tolist(), dev)
+    n_bad = int(utils.all_reduce_sum([len(bad_files)], dev)[0])
+    fps_global = None
+    if fps is not None:
+        # Global throughput: images of all ranks over the slowest rank's window.
+        images, window = throughput.images, throughput.end - throughput.start
+        images_all = utils.all_reduce_sum([images], dev)[0]
+        window_max = window
+        if utils.is_dist():
+            t = torch.tensor([window], dtype=torch.float64, device=dev)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            window_max = t.item()
+        fps_global = images_all / window_max
+        log(f"Epoch: [{epoch}] FPS: {fps_global:.2f} img/s (steady state: steps "
+            f"{throughput.first_step}-{throughput.steps} of {throughput.steps}, {int(images_all)} images in "
+            f"{window_max:.2f} s, all ranks, data loading {'excluded (synthetic)' if args.synthetic else 'included'})")
+    else:
+        log(f"Epoch: [{epoch}] FPS: n/a (fewer than {args.warmup_steps + 1} steps; lower --warmup-steps)")
+    log(f"Epoch: [{epoch}] done in {utils.format_eta(elapsed)}: train loss {loss_sum / max(seen, 1):.4f}  "
+        f"acc1 {100 * c1 / max(seen, 1):.3f}  images {int(seen)}  unreadable images {n_bad}")
+    stats = {"lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
+             "train_acc1": 100 * c1 / max(seen, 1), "train_acc5": 100 * c5 / max(seen, 1),
+             "fps": fps_global, "epoch_time": elapsed, "images": int(seen), "unreadable_images": n_bad}
+    if amp.scaler is not None and int(amp.skipped_steps):
+        log(f"Epoch: [{epoch}] {int(amp.skipped_steps)} steps skipped so far for fp16 gradient overflow "
+            f"(loss scale now {amp.current_scale():g})")
+    return stats
+
+
+def report_bad_files(bad, seen_so_far, args):
+    for path, reason in bad:
+        print(f"WARNING: skipped unreadable image {path} ({reason})", file=sys.stderr, flush=True)
+    seen_so_far.extend(bad)
+    if len(seen_so_far) > args.max_bad_images:
+        raise UserError(f"more than --max-bad-images {args.max_bad_images} unreadable training images "
+                        f"(latest: {bad[-1][0]}); fix the dataset or raise the limit")
+
+
+def check_finite(first_bad_step, epoch):
+    step = int(first_bad_step)
+    if step >= 0:
+        raise NumericalError(f"non-finite loss at epoch {epoch} step {step}; stopped without overwriting the "
+                             f"last good checkpoint (try a lower --lr, --clip-grad-norm, or fp32)")
+
+
+# ----------------------------------------------------------------------------
+# Evaluation: exact over the whole validation set
+# ----------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model, loader, normalize, amp, device, args, log_prefix=""):
+    model.eval()
+    dev = device.torch_device
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
+    criterion = nn.CrossEntropyLoss(reduction="sum")
+    n_bad = 0
+    start = time.perf_counter()
+    for step, batch in enumerate(loader):
+        if batch.bad:
+            for path, reason in batch.bad:
+                print(f"WARNING: skipped unreadable validation image {path} ({reason})", file=sys.stderr, flush=True)
+            n_bad += len(batch.bad)
+        if not len(batch.targets):
+            continue
+        images = normalize(batch.images)
+        targets = batch.targets.to(dev, non_blocking=True)
+        with amp.autocast():
+            output = model(images)
+        counts = utils.accuracy_counts(output, targets)
+        sums += torch.stack([criterion(output.float(), targets).double(), counts[0].double(), counts[1].double(),
+                             torch.tensor(len(targets), dtype=torch.float64, device=dev)])
+        if (step + 1) % args.print_freq == 0:
+            log(f"Test: {log_prefix}[{step + 1}/{len(loader)}]")
+    loss_sum, c1, c5, n = utils.all_reduce_sum(sums.tolist(), dev)
+    n_bad = int(utils.all_reduce_sum([n_bad], dev)[0])
+    acc1, acc5 = 100 * c1 / max(n, 1), 100 * c5 / max(n, 1)
+    log(f"Test: {log_prefix}loss {loss_sum / max(n, 1):.4f}, {int(n)} images in {time.perf_counter() - start:.1f} s")
+    log(f"{log_prefix} * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images"
+        + (f", {n_bad} unreadable skipped)" if n_bad else ")"))
+    return {"acc1": acc1, "acc5": acc5, "loss": loss_sum / max(n, 1), "images": int(n),
+            "time": time.perf_counter() - start}
+
+
+# ----------------------------------------------------------------------------
+
+def run(argv=None):
+    """Entry point: known failures become one line on stderr and a meaningful exit code."""
+    args = get_args_parser().parse_args(argv)
+    if args.log_file:
+        env = utils.launcher_env()
+        path = args.log_file.replace("{rank}", str(env[0] if env else 0))
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        utils.tee_stdout_to(path)
+    code = 0
+    try:
+        code = main(args)
+    except (UserError, data_lib.DataError, DeviceError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_USER_ERROR
+    except NumericalError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        code = EXIT_NUMERICAL_ERROR
+    finally:
+        if utils.is_dist():
+            if code:  # a failing rank must not leave its peers waiting in a collective
+                os._exit(code)
+            utils.cleanup_distributed()
+    return code
+
+
+if __name__ == "__main__":
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    sys.exit(run())

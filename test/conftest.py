@@ -1,0 +1,63 @@
+"""Shared fixtures: real image folders on disk and a way to run main.py as users do."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+# Small, fast settings for end-to-end runs of main.py (tiny images, few steps).
+SMALL_RUN = ["--device", "cpu", "--train-crop-size", "32", "--val-resize-size", "32", "--val-crop-size", "32",
+             "--print-freq", "1", "--workers", "0", "--warmup-steps", "1"]
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 200)]
+
+
+def write_image_folder(root, classes=3, train_per_class=8, val_per_class=4, size=40, fmt="JPEG", seed=0):
+    """An ImageNet-layout folder of real image files: each class a noisy solid colour (easy to learn)."""
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = os.path.join(root, split, f"class_{c}")
+            os.makedirs(folder, exist_ok=True)
+            for i in range(n):
+                base = np.array(COLOURS[c % len(COLOURS)], dtype=np.float32)
+                pixels = np.clip(base + rng.normal(0, 25, (size, size + 4 * (i % 3), 3)), 0, 255).astype(np.uint8)
+                ext = ".JPEG" if fmt == "JPEG" else ".png"
+                Image.fromarray(pixels).save(os.path.join(folder, f"img_{i}{ext}"), format=fmt)
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return write_image_folder(tmp_path / "data")
+
+
+def run_main(args, cwd=REPO, env=None, timeout=600):
+    """Run `python main.py ARGS` in a subprocess; returns CompletedProcess with text output."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_script(script, args, env=None, timeout=900):
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(["bash", os.path.join(REPO, "test", script), *args], cwd=REPO, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, fragment=None):
+    """Non-zero exit, exactly one line on stderr starting with 'error:', no traceback."""
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    if fragment:
+        assert fragment in lines[0], lines[0]

@@ -1,0 +1,335 @@
+"""Metrics, logging, distributed and checkpoint helpers shared by main.py and the tools."""
+import datetime
+import io
+import os
+import pickle
+import random
+import socket
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(RuntimeError):
+    """A mistake in the command line, files or environment: printed as one line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------
+# Distributed
+# ----------------------------------------------------------------------------
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def launcher_env():
+    """(rank, local_rank, world_size) from torchrun's variables, or the reference's RANK_ID/RANK_SIZE, or None."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"])
+    if "RANK_ID" in env and "RANK_SIZE" in env and "MASTER_ADDR" in env:
+        rank = int(env["RANK_ID"])
+        return rank, int(env.get("LOCAL_RANK", rank)), int(env["RANK_SIZE"])
+    return None
+
+
+def init_distributed(args, device):
+    """Join the process group that torchrun (or the reference's RANK_ID/RANK_SIZE) describes."""
+    rank, _, world_size = args.rank, args.local_rank, args.world_size
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    backend = args.dist_backend or device.dist_backend
+    init_kwargs = {}
+    if device.is_accelerator and backend in ("nccl", "hccl"):
+        init_kwargs["device_id"] = device.torch_device  # binds the communicator eagerly to our device
+    try:
+        dist.init_process_group(backend=backend, init_method=args.dist_url, rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=args.dist_timeout), **init_kwargs)
+    except Exception as e:
+        raise UserError(f"could not join the process group ({backend}, {args.dist_url}, rank {rank}/{world_size}): "
+                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+    return backend
+
+
+def cleanup_distributed():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values, device):
+    """Sum a list of numbers over all ranks (float64, so image counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_dist():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def port_is_free(port, host="127.0.0.1"):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+# ----------------------------------------------------------------------------
+# Metrics and logging
+# ----------------------------------------------------------------------------
+
+class AverageMeter:
+    """Running average of a scalar, fed lazily: values may stay device tensors until read."""
+
+    def __init__(self, fmt="{avg:.4f}"):
+        self.fmt = fmt
+        self.total = 0.0
+        self.count = 0
+        self.last = 0.0
+
+    def update(self, value, n=1):
+        value = float(value)
+        self.last = value
+        self.total += value * n
+        self.count += n
+
+    @property
+    def avg(self):
+        return self.total / max(self.count, 1)
+
+    def __str__(self):
+        return self.fmt.format(avg=self.avg, last=self.last)
+
+
+def accuracy_counts(output, target, topk=(1, 5)):
+    """Number of correct top-k predictions for each k, as a device tensor (no host sync)."""
+    maxk = min(max(topk), output.shape[1])
+    pred = output.topk(maxk, dim=1).indices
+    correct = pred.eq(target.view(-1, 1))
+    return torch.stack([correct[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+
+
+def log(*parts, all_ranks=False):
+    if all_ranks or is_main_process():
+        print(*parts, flush=True)
+
+
+def format_eta(seconds):
+    return str(datetime.timedelta(seconds=int(max(0, seconds))))
+
+
+class Throughput:
+    """Images per second of wall time over a steady-state window (warm-up steps excluded).
+
+    The trainer calls step(n) after each step; the window opens after `warmup` steps.
+    The device is synchronised at both ends of the window, so queued kernels are counted.
+    """
+
+    def __init__(self, device, warmup=5):
+        self.device = device
+        self.warmup = warmup
+        self.steps = 0
+        self.images = 0
+        self.start = None
+        self.end = None
+        self.first_step = None
+
+    def step(self, images):
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.device.synchronize()
+            self.start = time.perf_counter()
+            self.first_step = self.steps + 1
+        elif self.steps > self.warmup:
+            self.images += images
+
+    def finish(self):
+        if self.start is None:
+            return None
+        self.device.synchronize()
+        self.end = time.perf_counter()
+        return self.images / (self.end - self.start) if self.images else None
+
+
+# ----------------------------------------------------------------------------
+# Reproducibility
+# ----------------------------------------------------------------------------
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def rng_state(device):
+    """Every RNG the trainer draws from, as tensors and plain data (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": pickle.dumps(random.getstate()),  # bytes: plain data to torch.load(weights_only)
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if device.is_accelerator:
+        state["device"] = device.module().get_rng_state(device.index)
+    return state
+
+
+def set_rng_state(state, device):
+    random.setstate(pickle.loads(state["python"]))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if device.is_accelerator and "device" in state:
+        device.module().set_rng_state(state["device"], device.index)
+
+
+# ----------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------
+
+def save_atomic(obj, path):
+    """torch.save that never leaves a half-written file at `path`.
+
+    Write to a temporary file in the same folder, flush and fsync it, then rename
+    over the target (atomic on POSIX) and fsync the folder so the rename itself
+    survives a power cut. A crash at any point leaves the previous file intact.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_safe(path, map_location="cpu"):
+    """torch.load with weights_only=True: tensors and plain data only, no code from the file ever runs."""
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
+                        f"({str(e).splitlines()[0][:150]})")
+    except Exception as e:
+        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
+
+
+def extract_state_dict(checkpoint):
+    """A model state_dict from our checkpoints ({'model': ...}), other trainers' ({'state_dict': ...})
+    or a raw state_dict, with any DataParallel/DDP 'module.' prefix removed."""
+    if isinstance(checkpoint, dict):
+        for key in ("model", "state_dict", "model_state_dict"):
+            if key in checkpoint and isinstance(checkpoint[key], dict):
+                checkpoint = checkpoint[key]
+                break
+    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
+        raise UserError("file holds no model state_dict (expected a dict of tensors, or {'model': ...})")
+    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in checkpoint.items())
+
+
+def describe_mismatch(model, state_dict, limit=4):
+    """One line saying which keys/shapes differ between a model and a state_dict (None if they match)."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:limit])})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:limit])})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:limit])})")
+    return "; ".join(parts) or None
+
+
+def args_to_dict(args):
+    """argparse.Namespace -> plain dict, safe for weights_only loading."""
+    out = {}
+    for k, v in vars(args).items():
+        if k == "classes":
+            continue
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = list(v)
+        else:
+            out[k] = str(v)
+    return out
+
+
+def append_metrics(output_dir, record):
+    """One JSON object per epoch in <output-dir>/metrics.jsonl (rank 0 only): easy to plot, grep or load."""
+    if not output_dir or not is_main_process():
+        return
+    import json
+    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def find_latest_checkpoint(output_dir):
+    """The newest checkpoint in output_dir that loads, or None (for --resume auto)."""
+    if not output_dir or not os.path.isdir(output_dir):
+        return None
+    candidates = [os.path.join(output_dir, n) for n in os.listdir(output_dir)
+                  if n.endswith(".pth") and (n == "checkpoint.pth" or n.startswith("model_"))
+                  and n != "model_best.pth"]
+    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
+        try:
+            ckpt = load_safe(path)
+            if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
+                return path
+        except UserError:
+            continue
+    return None
+
+
+def tee_stdout_to(path):
+    """Mirror stdout/stderr into a log file (used by --log-file)."""
+    f = open(path, "a", buffering=1)
+
+    class Tee(io.TextIOBase):
+        def __init__(self, stream):
+            self.stream = stream
+
+        def write(self, s):
+            self.stream.write(s)
+            f.write(s)
+            return len(s)
+
+        def flush(self):
+            self.stream.flush()
+            f.flush()
+
+    sys.stdout = Tee(sys.stdout)
+    sys.stderr = Tee(sys.stderr)
