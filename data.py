@@ -102,14 +102,13 @@ class ImageFolderDataset(datasets.ImageFolder):
         super().__init__(root, transform=transform, loader=load_rgb, is_valid_file=is_image_file,
                          allow_empty=True)
         self.seed = seed
-        self.epoch = 0
         if not self.samples:
             raise DataError(f"{root} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __getitem__(self, index):
+    def __getitem__(self, key):
+        # The training sampler yields (epoch, index): persistent workers hold their own copy of the
+        # dataset, so the epoch must travel with each request to reseed augmentation correctly.
+        epoch, index, repeat = key if isinstance(key, tuple) else (0, key, 0)
         path, target = self.samples[index]
         try:
             image = self.loader(path)
@@ -118,13 +117,14 @@ class ImageFolderDataset(datasets.ImageFolder):
         if torch.utils.data.get_worker_info() is None:
             # In the main process: don't disturb the trainer's own RNG stream.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._sample_seed(index))
+                torch.manual_seed(self._sample_seed(epoch, index, repeat))
                 return self.transform(image), target
-        torch.manual_seed(self._sample_seed(index))
+        torch.manual_seed(self._sample_seed(epoch, index, repeat))
         return self.transform(image), target
 
-    def _sample_seed(self, index):
-        return (self.seed * 1_000_003 + self.epoch * 10_007 + index) % (2 ** 63)
+    def _sample_seed(self, epoch, index, repeat=0):
+        # Distinct for every (seed, epoch, repeat, index) up to 4 billion images, 1000 epochs, 16 repeats.
+        return ((((self.seed * 1000 + epoch) * 16 + repeat) << 32) + index) % (2 ** 63)
 
 
 class BadSample:
@@ -162,12 +162,20 @@ def collate_skip_bad(samples):
 # Transforms (workers: PIL -> uint8 CHW; device: float, normalise)
 # ----------------------------------------------------------------------------
 
-def train_transform(crop_size, interpolation="bilinear", scale=(0.08, 1.0), hflip_prob=0.5):
+def train_transform(crop_size, interpolation="bilinear", scale=(0.08, 1.0), hflip_prob=0.5, auto_augment=None,
+                    ra_magnitude=9, augmix_severity=3, random_erase=0.0):
+    import recipe  # the stronger augmentations of the recipe options
+
     steps = [transforms.RandomResizedCrop(crop_size, scale=tuple(scale), interpolation=INTERPOLATIONS[interpolation],
                                           antialias=True)]
     if hflip_prob > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip_prob))
+    if auto_augment:
+        steps.append(recipe.auto_augment_transform(auto_augment, INTERPOLATIONS[interpolation], ra_magnitude,
+                                                   augmix_severity))
     steps.append(transforms.PILToTensor())
+    if random_erase > 0:
+        steps.append(recipe.random_erasing(random_erase))
     return transforms.Compose(steps)
 
 
@@ -209,14 +217,21 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
     Like DistributedSampler (a fresh permutation per epoch from seed + epoch, padded
     so every rank gets the same number of samples), plus `start_index` so that a
     run resumed after preemption skips exactly the samples it has already seen.
+
+    `repeats` > 1 is repeated augmentation (--ra-sampler, as in DeiT/torchvision):
+    each image appears `repeats` times in a row of the global order, so its copies
+    land on different ranks with different augmentations; the epoch length stays
+    that of one pass over the data.
+    Yields (epoch, index, repeat) keys, which ImageFolderDataset turns into seeds.
     """
 
-    def __init__(self, dataset_size, num_replicas=1, rank=0, seed=0, shuffle=True):
+    def __init__(self, dataset_size, num_replicas=1, rank=0, seed=0, shuffle=True, repeats=1):
         self.dataset_size = dataset_size
         self.num_replicas = num_replicas
         self.rank = rank
         self.seed = seed
         self.shuffle = shuffle
+        self.repeats = repeats
         self.epoch = 0
         self.start_index = 0
         self.num_samples = math.ceil(dataset_size / num_replicas)
@@ -232,12 +247,14 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
             order = torch.randperm(self.dataset_size, generator=g).tolist()
         else:
             order = list(range(self.dataset_size))
+        order = [(i, r) for i in order for r in range(self.repeats)]
         total = self.num_samples * self.num_replicas
-        order += order[: total - len(order)]  # pad by wrapping, as DistributedSampler does
+        if len(order) < total:
+            order += order[: total - len(order)]  # pad by wrapping, as DistributedSampler does
         return order[self.rank:total:self.num_replicas]
 
     def __iter__(self):
-        return iter(self._rank_indices()[self.start_index:])
+        return iter((self.epoch, i, r) for i, r in self._rank_indices()[self.start_index:])
 
     def __len__(self):
         return self.num_samples - self.start_index

@@ -11,6 +11,7 @@ like "cuda" and the same calls drive both.
 """
 import contextlib
 import importlib
+import math
 import os
 from dataclasses import dataclass
 
@@ -156,8 +157,8 @@ def parse_loss_scale(value):
         scale = float(value)
     except ValueError:
         raise DeviceError(f"--loss_scale_value must be a number or 'dynamic', got {value!r}")
-    if not scale > 0:
-        raise DeviceError(f"--loss_scale_value must be positive, got {value}")
+    if not (scale > 0 and math.isfinite(scale)):
+        raise DeviceError(f"--loss_scale_value must be a positive finite number or 'dynamic', got {value}")
     return scale
 
 
@@ -171,24 +172,26 @@ class MixedPrecision:
       * apex          -- apex.amp.initialize(opt_level, loss_scale); Ascend's fork adds combine_grad
     """
 
-    def __init__(self, device, enabled=False, backend="native", dtype=None, loss_scale=None, opt_level="O2"):
+    def __init__(self, device, enabled=False, backend="native", dtype=None, loss_scale=None, opt_level="O2",
+                 growth_interval=2000):
         self.device = device
         self.enabled = enabled
         self.backend = backend if enabled else "off"
-        self.dtype = dtype if enabled else torch.float32
+        self.dtype = (dtype or device.default_amp_dtype()) if enabled else torch.float32
         self.opt_level = opt_level
-        self.loss_scale = loss_scale
+        self.loss_scale = float(loss_scale) if isinstance(loss_scale, (int, float)) else loss_scale
+        self.static_scale = isinstance(self.loss_scale, float)
+        self.growth_interval = growth_interval
         self.apex_amp = None
         self.scaler = None
         # Steps whose gradients overflowed and were skipped; a device tensor so that counting costs no sync.
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device.torch_device)
         if self.backend == "native" and self.dtype == torch.float16:
-            if isinstance(loss_scale, float):
-                # A static scale: growth and backoff factors of 1 keep it fixed; overflowing steps are still skipped.
-                self.scaler = torch.amp.GradScaler(device.type, init_scale=loss_scale, growth_factor=1.0,
-                                                   backoff_factor=1.0, growth_interval=2 ** 31 - 1)
-            else:
-                self.scaler = torch.amp.GradScaler(device.type)
+            # GradScaler's defaults (x2 after growth_interval clean steps, x0.5 on overflow). It refuses factors
+            # of 1, so a static scale is kept instead by resetting it in every update() (see backward_and_step);
+            # overflowing steps are still skipped.
+            self.scaler = torch.amp.GradScaler(device.type, init_scale=self.loss_scale if self.static_scale
+                                               else 2.0 ** 16, growth_interval=growth_interval)
 
     # -- set-up --------------------------------------------------------------
     def initialize(self, model, optimizer):
@@ -248,7 +251,7 @@ class MixedPrecision:
         for flag in found_inf.values():
             self.skipped_steps += flag.to(self.skipped_steps.device, torch.int64)
         self.scaler.step(optimizer)  # skipped when found_inf
-        self.scaler.update()
+        self.scaler.update(self.loss_scale if self.static_scale else None)
 
     def current_scale(self):
         if self.scaler is not None:
@@ -268,8 +271,13 @@ class MixedPrecision:
         if not state:
             return
         self.skipped_steps.fill_(int(state.get("skipped_steps", 0)))
-        if self.scaler is not None and "scaler" in state:
+        # A dynamic scale and its growth tracker are state and resume where they were. A static scale is this
+        # run's configuration (--loss_scale_value N), so it is not overwritten by the checkpoint's.
+        if self.scaler is not None and state.get("scaler") and not self.static_scale:
             self.scaler.load_state_dict(state["scaler"])
+            self.scaler.set_growth_interval(self.growth_interval)  # the schedule follows this run's settings
+            self.scaler.set_growth_factor(2.0)
+            self.scaler.set_backoff_factor(0.5)
         if self.apex_amp is not None and "apex" in state:
             self.apex_amp.load_state_dict(state["apex"])
 
@@ -282,9 +290,13 @@ def build_mixed_precision(args, device):
     if not enabled:
         return MixedPrecision(device, enabled=False, opt_level=args.apex_opt_level)
     if backend == "apex" and _import_apex_amp() is None:
-        raise DeviceError("--amp-backend apex: apex is not installed. It is built from source, not PyPI's 'apex': "
+        flag = "--apex" if args.apex else "--amp-backend apex"
+        raise DeviceError(f"{flag}: apex is not installed. It is built from source, not PyPI's 'apex': "
                           "Ascend: https://gitee.com/ascend/apex ; NVIDIA: https://github.com/NVIDIA/apex "
-                          "(or drop --apex to use native torch.amp)")
+                          f"(or drop {flag} to use native torch.amp)")
+    if backend == "apex" and device.type == "cpu":
+        raise DeviceError(f"{'--apex' if args.apex else '--amp-backend apex'}: apex amp runs on NPU/CUDA only; "
+                          "on the CPU use --amp (native torch.amp)")
     if backend == "auto":
         backend = "apex" if device.type == "npu" and _import_apex_amp() is not None else "native"
     if backend == "apex":

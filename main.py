@@ -21,7 +21,9 @@ import torch.nn as nn
 
 import data as data_lib
 import densenet
+import recipe
 import utils
+from dataclasses import dataclass
 from device import DeviceError, build_mixed_precision, build_sgd, resolve_device
 from utils import UserError, log
 
@@ -80,7 +82,19 @@ def get_args_parser():
     a("--lr-warmup-epochs", type=float, default=0)
     a("--lr-warmup-method", default="linear", choices=["linear", "constant"])
     a("--lr-warmup-decay", type=float, default=0.01, help="warm-up starts at lr * this")
-    a("--clip-grad-norm", type=float, default=None)
+    a("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm to this value")
+    # recipe options (torchvision reference names; see README "Recipes")
+    a("--auto-augment", default=None, choices=list(recipe.AUTO_AUGMENT))
+    a("--ra-magnitude", type=int, default=9, help="RandAugment magnitude")
+    a("--augmix-severity", type=int, default=3)
+    a("--random-erase", type=float, default=0.0, help="RandomErasing probability")
+    a("--mixup-alpha", type=float, default=0.0)
+    a("--cutmix-alpha", type=float, default=0.0)
+    a("--model-ema", action="store_true", help="also train, evaluate and checkpoint an EMA of the weights")
+    a("--model-ema-steps", type=int, default=32, help="update the EMA every this many steps")
+    a("--model-ema-decay", type=float, default=0.99998, help="EMA decay (adjusted for batch and epochs, as torchvision)")
+    a("--ra-sampler", action="store_true", help="repeated augmentation sampler")
+    a("--ra-reps", type=int, default=3, help="repetitions per image with --ra-sampler")
     # mixed precision
     a("--amp", action="store_true", help="mixed precision (backend/dtype by device, see README)")
     a("--apex", action="store_true", help="the reference's spelling of --amp --amp-backend apex")
@@ -113,6 +127,7 @@ def get_args_parser():
     a("--keep-checkpoints", type=int, default=None, help="keep only the newest K model_<epoch>.pth")
     a("--seed", type=int, default=1234)
     a("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
+    a("--tensorboard", action="store_true", help="also log the per-epoch metrics to <output-dir>/tensorboard")
     return p
 
 
@@ -145,6 +160,11 @@ def validate_args(args):
         raise UserError(f"--resume {args.resume}: no such file")
     if args.pretrained_weight_path and not os.path.isfile(args.pretrained_weight_path):
         raise UserError(f"--pretrained_weight_path {args.pretrained_weight_path}: no such file")
+    if args.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
     if args.device_ids:
         try:
             args.device_ids = [int(x) for x in str(args.device_ids).split(",") if x.strip()]
@@ -184,6 +204,8 @@ def setup_process(args):
         if args.batch_size % args.world_size:
             raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide evenly "
                             f"among {args.world_size} ranks")
+        if args.sync_bn and device.type == "cpu":
+            raise UserError("--sync-bn: torch's SyncBatchNorm runs on GPU/NPU only, not on CPU; drop --sync-bn")
         utils.init_distributed(args, device)
     return device
 
@@ -202,7 +224,7 @@ def load_pretrained(model, args):
         if not os.path.isfile(path):
             raise UserError(f"--pretrained: no weights on disk; download https://download.pytorch.org/models/"
                             f"{filename} to {path} (or pass --pretrained_weight_path FILE)")
-    state_dict = densenet.convert_legacy_keys(utils.extract_state_dict(utils.load_safe(path)))
+    state_dict, _ = utils.read_weights(path)
     own = model.state_dict()
     skipped = [k for k in ("classifier.weight", "classifier.bias")
                if k in state_dict and k in own and state_dict[k].shape != own[k].shape]
@@ -293,12 +315,27 @@ class StopSignal:
 # Checkpoints
 # ----------------------------------------------------------------------------
 
-def checkpoint_state(model_without_ddp, optimizer, amp, args, next_epoch, next_step, best_acc1, classes, device):
-    return {
-        "model": model_without_ddp.state_dict(),
-        "optimizer": optimizer.state_dict(),
+@dataclass
+class Trainer:
+    """What one training step needs, bundled so the loop's signature stays short."""
+    model: nn.Module              # what runs the step: DDP- and/or torch.compile-wrapped
+    model_without_ddp: nn.Module  # what is saved and evaluated
+    ema: object
+    optimizer: torch.optim.Optimizer
+    amp: object
+    device: object
+    normalize: object
+    criterion: nn.Module
+    mixup: object
+
+
+def checkpoint_state(t, args, next_epoch, next_step, best_acc1, classes):
+    """Everything a resumed run needs, as tensors and plain data only (loadable with weights_only=True)."""
+    state = {
+        "model": t.model_without_ddp.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
         "lr_scheduler": {"name": args.lr_scheduler, "next_epoch": next_epoch},
-        "amp": amp.state_dict(),
+        "amp": t.amp.state_dict(),
         "epoch": next_epoch - 1 if next_step == 0 else next_epoch,
         "next_epoch": next_epoch,
         "next_step": next_step,
@@ -306,8 +343,12 @@ def checkpoint_state(model_without_ddp, optimizer, amp, args, next_epoch, next_s
         "classes": list(classes),
         "args": utils.args_to_dict(args),
         "world_size": utils.get_world_size(),
-        "rng": utils.rng_state(device),
+        "rng": utils.rng_state(t.device),
     }
+    if t.ema is not None:
+        state["model_ema"] = t.ema.state_dict()
+        state["model_ema_updates"] = t.ema.num_updates
+    return state
 
 
 def save_checkpoint(state, args, epoch=None, is_best=False):
@@ -360,13 +401,16 @@ def main(args):
     else:
         classes = args.classes
         train_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "train"),
-                                                data_lib.train_transform(args.train_crop_size, args.interpolation,
-                                                                         args.crop_scale, args.hflip_prob),
+                                                data_lib.train_transform(
+                                                    args.train_crop_size, args.interpolation, args.crop_scale,
+                                                    args.hflip_prob, args.auto_augment, args.ra_magnitude,
+                                                    args.augmix_severity, args.random_erase),
                                                 seed=args.seed)
         val_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "val"),
                                               data_lib.eval_transform(args.val_resize_size, args.val_crop_size,
                                                                       args.interpolation), seed=args.seed)
-        train_sampler = data_lib.ResumableDistributedSampler(len(train_set), world, args.rank, args.seed)
+        train_sampler = data_lib.ResumableDistributedSampler(len(train_set), world, args.rank, args.seed,
+                                                             repeats=args.ra_reps if args.ra_sampler else 1)
         val_sampler = data_lib.ExactEvalSampler(len(val_set), world, args.rank)
         pin = device.is_accelerator
         train_loader = data_lib.make_loader(train_set, train_sampler, local_batch, workers, pin, args.seed)
@@ -396,10 +440,18 @@ def main(args):
     if args.amp and device.type != "npu" and amp.backend == "native":
         log("Note: apex AMP is used on Ascend NPUs only; on this device --amp uses native torch.amp")
     model_without_ddp = model
+    ema = None
+    if args.model_ema:
+        decay = recipe.ema_decay_for_run(args.model_ema_decay, world, local_batch, args.model_ema_steps, args.epochs)
+        ema = recipe.ModelEma(model_without_ddp, decay)
+        log(f"Model EMA: decay {decay:.6f} every {args.model_ema_steps} steps (from --model-ema-decay "
+            f"{args.model_ema_decay} adjusted for this batch and length)")
     if args.distributed:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.is_accelerator else None)
-    train_model = torch.compile(model) if args.compile else model
-    criterion = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    t = Trainer(model=torch.compile(model) if args.compile else model, model_without_ddp=model_without_ddp,
+                ema=ema, optimizer=optimizer, amp=amp, device=device, normalize=normalize,
+                criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
+                mixup=recipe.MixupCutmix(num_classes, args.mixup_alpha, args.cutmix_alpha))
 
     # -- resume --------------------------------------------------------------
     start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
@@ -414,6 +466,9 @@ def main(args):
         if mismatch:
             raise UserError(f"{resume_path} does not match --model {args.model} with {num_classes} classes: {mismatch}")
         model_without_ddp.load_state_dict(state_dict)
+        if ema is not None and "model_ema" in ckpt:
+            ema.load_state_dict(ckpt["model_ema"])
+            ema.num_updates = ckpt.get("model_ema_updates", 0)
         if not args.test_only and "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
             amp.load_state_dict(ckpt.get("amp"))
@@ -431,7 +486,9 @@ def main(args):
     if args.test_only:
         if val_loader is None:
             raise UserError("--test-only needs a dataset (not --synthetic)")
-        evaluate(model_without_ddp, val_loader, normalize, amp, device, args)
+        evaluate(model_without_ddp, val_loader, t, args)
+        if ema is not None:
+            evaluate(ema.module, val_loader, t, args, log_prefix="EMA ")
         return 0
 
     # -- train ---------------------------------------------------------------
@@ -440,38 +497,41 @@ def main(args):
         os.remove(os.path.join(args.output_dir, "metrics.jsonl"))  # a fresh run starts a fresh curve
     log(f"Start training: epochs {start_epoch}..{args.epochs - 1}, lr {args.lr} ({args.lr_scheduler})")
     run_start = time.time()
+    tensorboard = utils.TensorBoardLogger(args.output_dir) if args.tensorboard and utils.is_main_process() else None
     for epoch in range(start_epoch, args.epochs):
         if train_loader.sampler is not None:
             train_loader.sampler.set_epoch(epoch, start_step * local_batch)
-            train_loader.dataset.set_epoch(epoch)
         if rng_to_restore is not None:
             utils.set_rng_state(rng_to_restore, device)  # continue the random streams exactly where they were
             rng_to_restore = None
         try:
-            train_stats = train_one_epoch(train_model, criterion, optimizer, train_loader, normalize, amp, device, epoch,
-                            start_step, args, stop)
+            train_stats = train_one_epoch(t, train_loader, epoch, start_step, args, stop)
         except Preempted:
             steps_done = stop.steps_done
-            save_checkpoint(checkpoint_state(model_without_ddp, optimizer, amp, args, epoch, steps_done, best_acc1,
-                                             classes, device), args)
+            save_checkpoint(checkpoint_state(t, args, epoch, steps_done, best_acc1, classes), args)
             log(f"Preempted by {stop.signal_name or 'a signal'} at epoch {epoch} step {steps_done}: checkpoint "
                 f"saved to {os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
             return EXIT_PREEMPTED
         start_step = 0
-        val_stats = evaluate(model_without_ddp, val_loader, normalize, amp, device, args) if val_loader else {}
+        val_stats = evaluate(model_without_ddp, val_loader, t, args) if val_loader else {}
+        if ema is not None and val_loader:
+            val_stats.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, t, args, "EMA ").items()})
         acc1 = val_stats.get("acc1", 0.0)
         is_best = acc1 > best_acc1
         if is_best:
             best_acc1, best_epoch = acc1, epoch
-        save_checkpoint(checkpoint_state(model_without_ddp, optimizer, amp, args, epoch + 1, 0, best_acc1, classes,
-                                         device), args, epoch=epoch, is_best=is_best)
+        save_checkpoint(checkpoint_state(t, args, epoch + 1, 0, best_acc1, classes), args, epoch=epoch, is_best=is_best)
         history.append({"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in val_stats.items()}})
         utils.append_metrics(args.output_dir, history[-1])
+        if tensorboard:
+            tensorboard.log(history[-1])
         epochs_left = args.epochs - epoch - 1
         if epochs_left:
             per_epoch = (time.time() - run_start) / len(history)  # training and evaluation
             log(f"Epoch: [{epoch}] run eta: {utils.format_eta(per_epoch * epochs_left)} "
                 f"({epochs_left} epochs left, evaluation included)")
+    if tensorboard:
+        tensorboard.close()
     print_run_summary(history, best_acc1, best_epoch, time.time() - run_start)
     return 0
 
@@ -489,13 +549,13 @@ def print_run_summary(history, best_acc1, best_epoch, total_seconds):
 # One epoch of training
 # ----------------------------------------------------------------------------
 
-def train_one_epoch(model, criterion, optimizer, loader, normalize, amp, device, epoch, start_step, args, stop):
-    model.train()
-    dev = device.torch_device
+def train_one_epoch(t, loader, epoch, start_step, args, stop):
+    t.model.train()
+    dev = t.device.torch_device
     steps_per_epoch = len(loader) + start_step
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    throughput = utils.Throughput(device, warmup=args.warmup_steps)
+    throughput = utils.Throughput(t.device, warmup=args.warmup_steps)
     # Running sums stay on the device; they are read (one sync) only every --print-freq steps.
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
@@ -504,7 +564,6 @@ def train_one_epoch(model, criterion, optimizer, loader, normalize, amp, device,
     epoch_start = time.perf_counter()
     last_loss = torch.zeros((), device=dev)
     stop.steps_done = start_step
-    step = start_step
     for step, batch in enumerate(loader, start=start_step):
         if step >= steps_per_epoch:
             break
@@ -512,72 +571,80 @@ def train_one_epoch(model, criterion, optimizer, loader, normalize, amp, device,
             report_bad_files(batch.bad, bad_files, args)
         n = len(batch.targets)
         if n:
-            images = normalize(batch.images)
+            images = t.normalize(batch.images)
             targets = batch.targets.to(dev, non_blocking=True)
-            set_lr(optimizer, learning_rate(args, epoch + step / steps_per_epoch))
-            with amp.autocast():
-                output = model(images)
-                loss = criterion(output, targets)
+            loss_targets = targets
+            if t.mixup.enabled:
+                images, loss_targets = t.mixup(images, targets)
+            set_lr(t.optimizer, learning_rate(args, epoch + step / steps_per_epoch))
+            with t.amp.autocast():
+                output = t.model(images)
+                loss = t.criterion(output, loss_targets)
             # Record the first step with a non-finite loss without a host sync; checked at print time.
             bad_now = ~torch.isfinite(loss.detach())
             first_bad_step.copy_(torch.where(bad_now & (first_bad_step < 0), step, first_bad_step))
-            optimizer.zero_grad(set_to_none=True)
-            amp.backward_and_step(loss, optimizer, model.parameters(), args.clip_grad_norm)
+            t.optimizer.zero_grad(set_to_none=True)
+            t.amp.backward_and_step(loss, t.optimizer, t.model.parameters(), args.clip_grad_norm)
+            if t.ema is not None and (step + 1) % args.model_ema_steps == 0:
+                t.ema.update(t.model_without_ddp)
             last_loss = loss.detach()
             counts = utils.accuracy_counts(output.detach(), targets)
             sums += torch.stack([last_loss.double() * n, counts[0].double(), counts[1].double(),
                                  torch.tensor(n, dtype=torch.float64, device=dev)])
+        if args.compile and step == start_step:
+            t.device.synchronize()
+            log(f"Epoch: [{epoch}] first step took {time.perf_counter() - epoch_start:.1f} s (torch.compile "
+                f"compilation; excluded from FPS)")
         throughput.step(n)
         window_images += n
         stop.steps_done = step + 1
         if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
             check_finite(first_bad_step, epoch)
-            device.synchronize()
+            t.device.synchronize()
             now = time.perf_counter()
             loss_sum, c1, c5, seen = sums.tolist()
-            img_per_s = window_images / (now - window_start)
-            steps_left = steps_per_epoch - step - 1
-            eta = (now - epoch_start) / (step + 1 - start_step) * steps_left
+            eta = (now - epoch_start) / (step + 1 - start_step) * (steps_per_epoch - step - 1)
             log(f"Epoch: [{epoch}]  [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}]  "
-                f"eta: {utils.format_eta(eta)}  lr: {optimizer.param_groups[0]['lr']:.6f}  "
-                f"img/s: {img_per_s * utils.get_world_size():.1f}  loss: {float(last_loss):.4f} "
-                f"({loss_sum / max(seen, 1):.4f})  acc1: {100 * c1 / max(seen, 1):.3f}  "
-                f"acc5: {100 * c5 / max(seen, 1):.3f}" + (f"  skipped: {int(amp.skipped_steps)}"
-                                                          if amp.scaler is not None else ""))
+                f"eta: {utils.format_eta(eta)}  lr: {t.optimizer.param_groups[0]['lr']:.6f}  "
+                f"img/s: {window_images * utils.get_world_size() / (now - window_start):.1f}  "
+                f"loss: {float(last_loss):.4f} ({loss_sum / max(seen, 1):.4f})  "
+                f"acc1: {100 * c1 / max(seen, 1):.3f}  acc5: {100 * c5 / max(seen, 1):.3f}"
+                + (f"  skipped: {int(t.amp.skipped_steps)}" if t.amp.scaler is not None else ""))
             window_start, window_images = now, 0
         if stop.should_stop():
             check_finite(first_bad_step, epoch)
             raise Preempted()
     check_finite(first_bad_step, epoch)
-    fps = throughput.finish()
+    fps = report_throughput(throughput, epoch, args)
     elapsed = time.perf_counter() - epoch_start
     loss_sum, c1, c5, seen = utils.all_reduce_sum(sums.tolist(), dev)
     n_bad = int(utils.all_reduce_sum([len(bad_files)], dev)[0])
-    fps_global = None
-    if fps is not None:
-        # Global throughput: images of all ranks over the slowest rank's window.
-        images, window = throughput.images, throughput.end - throughput.start
-        images_all = utils.all_reduce_sum([images], dev)[0]
-        window_max = window
-        if utils.is_dist():
-            t = torch.tensor([window], dtype=torch.float64, device=dev)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            window_max = t.item()
-        fps_global = images_all / window_max
-        log(f"Epoch: [{epoch}] FPS: {fps_global:.2f} img/s (steady state: steps "
-            f"{throughput.first_step}-{throughput.steps} of {throughput.steps}, {int(images_all)} images in "
-            f"{window_max:.2f} s, all ranks, data loading {'excluded (synthetic)' if args.synthetic else 'included'})")
-    else:
-        log(f"Epoch: [{epoch}] FPS: n/a (fewer than {args.warmup_steps + 1} steps; lower --warmup-steps)")
     log(f"Epoch: [{epoch}] done in {utils.format_eta(elapsed)}: train loss {loss_sum / max(seen, 1):.4f}  "
         f"acc1 {100 * c1 / max(seen, 1):.3f}  images {int(seen)}  unreadable images {n_bad}")
-    stats = {"lr": optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-             "train_acc1": 100 * c1 / max(seen, 1), "train_acc5": 100 * c5 / max(seen, 1),
-             "fps": fps_global, "epoch_time": elapsed, "images": int(seen), "unreadable_images": n_bad}
-    if amp.scaler is not None and int(amp.skipped_steps):
-        log(f"Epoch: [{epoch}] {int(amp.skipped_steps)} steps skipped so far for fp16 gradient overflow "
-            f"(loss scale now {amp.current_scale():g})")
-    return stats
+    if t.amp.scaler is not None and int(t.amp.skipped_steps):
+        log(f"Epoch: [{epoch}] {int(t.amp.skipped_steps)} steps skipped so far for fp16 gradient overflow "
+            f"(loss scale now {t.amp.current_scale():g})")
+    return {"lr": t.optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
+            "train_acc1": 100 * c1 / max(seen, 1), "train_acc5": 100 * c5 / max(seen, 1),
+            "fps": fps, "epoch_time": elapsed, "images": int(seen), "unreadable_images": n_bad}
+
+
+def report_throughput(throughput, epoch, args):
+    """Log and return the epoch's global steady-state img/s: all ranks' images over the slowest rank's window."""
+    if throughput.finish() is None:
+        log(f"Epoch: [{epoch}] FPS: n/a (fewer than {args.warmup_steps + 1} steps; lower --warmup-steps)")
+        return None
+    window = throughput.end - throughput.start
+    images_all = utils.all_reduce_sum([throughput.images], throughput.device.torch_device)[0]
+    if utils.is_dist():
+        t = torch.tensor([window], dtype=torch.float64, device=throughput.device.torch_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        window = t.item()
+    fps = images_all / window
+    log(f"Epoch: [{epoch}] FPS: {fps:.2f} img/s (steady state: steps {throughput.first_step}-{throughput.steps} "
+        f"of {throughput.steps}, {int(images_all)} images in {window:.2f} s, all ranks, data loading "
+        f"{'excluded (synthetic)' if args.synthetic else 'included'})")
+    return fps
 
 
 def report_bad_files(bad, seen_so_far, args):
@@ -601,9 +668,10 @@ def check_finite(first_bad_step, epoch):
 # ----------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model, loader, normalize, amp, device, args, log_prefix=""):
+def evaluate(model, loader, t, args, log_prefix=""):
+    """Loss, Acc@1 and Acc@5 over the whole validation set: every image counted once, summed over ranks."""
     model.eval()
-    dev = device.torch_device
+    dev = t.device.torch_device
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
     criterion = nn.CrossEntropyLoss(reduction="sum")
     n_bad = 0
@@ -615,9 +683,9 @@ def evaluate(model, loader, normalize, amp, device, args, log_prefix=""):
             n_bad += len(batch.bad)
         if not len(batch.targets):
             continue
-        images = normalize(batch.images)
+        images = t.normalize(batch.images)
         targets = batch.targets.to(dev, non_blocking=True)
-        with amp.autocast():
+        with t.amp.autocast():
             output = model(images)
         counts = utils.accuracy_counts(output, targets)
         sums += torch.stack([criterion(output.float(), targets).double(), counts[0].double(), counts[1].double(),
@@ -628,7 +696,7 @@ def evaluate(model, loader, normalize, amp, device, args, log_prefix=""):
     n_bad = int(utils.all_reduce_sum([n_bad], dev)[0])
     acc1, acc5 = 100 * c1 / max(n, 1), 100 * c5 / max(n, 1)
     log(f"Test: {log_prefix}loss {loss_sum / max(n, 1):.4f}, {int(n)} images in {time.perf_counter() - start:.1f} s")
-    log(f"{log_prefix} * Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images"
+    log(f" * {log_prefix}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images"
         + (f", {n_bad} unreadable skipped)" if n_bad else ")"))
     return {"acc1": acc1, "acc5": acc5, "loss": loss_sum / max(n, 1), "images": int(n),
             "time": time.perf_counter() - start}

@@ -273,6 +273,51 @@ def describe_mismatch(model, state_dict, limit=4):
     return "; ".join(parts) or None
 
 
+def read_weights(path):
+    """(state_dict, checkpoint) from any weights file we accept -- our checkpoints, other trainers'
+    ({'state_dict': ...}) or a raw torchvision state_dict -- with 'module.' prefixes removed and legacy
+    'norm.1'-style keys renamed. `checkpoint` is the whole dict (classes, args, ...), {} for a raw state_dict.
+    Shared by main.py --pretrained, export_onnx.py and predict.py."""
+    import densenet
+    checkpoint = load_safe(path)
+    try:
+        state_dict = extract_state_dict(checkpoint)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    is_raw = all(torch.is_tensor(v) for v in checkpoint.values())
+    return densenet.convert_legacy_keys(state_dict), ({} if is_raw else checkpoint)
+
+
+def build_model_from_weights(path, model_name=None, num_classes=None):
+    """The model a weights file holds, in eval mode on the CPU: (model, checkpoint, model_name).
+
+    Architecture: `model_name` if given, else the checkpoint's args['model'], else whichever DenseNet the
+    keys and shapes fit (densenet201 first). Classes: from the classifier's shape (`num_classes`, if given,
+    must agree). Raises UserError with a one-line reason when the file does not fit."""
+    import densenet
+    state_dict, checkpoint = read_weights(path)
+    if "classifier.weight" not in state_dict:
+        raise UserError(f"{path}: no classifier.weight in the weights: not a DenseNet state_dict")
+    weight_classes = state_dict["classifier.weight"].shape[0]
+    if num_classes is not None and num_classes != weight_classes:
+        raise UserError(f"{path}: the classifier has {weight_classes} classes, not --num-classes {num_classes}")
+    recorded = checkpoint.get("args", {}).get("model") if isinstance(checkpoint.get("args"), dict) else None
+    recorded = recorded if recorded in densenet.MODELS else None
+    first = model_name or recorded or "densenet201"
+    candidates = [first] + ([] if model_name else [n for n in sorted(densenet.MODELS) if n != first])
+    mismatch = None
+    for name in candidates:
+        with torch.device("meta"):  # no memory, no init: the weights are assigned below
+            model = densenet.build_model(name, num_classes=weight_classes)
+        problem = describe_mismatch(model, state_dict)
+        if problem is None:
+            model.load_state_dict(state_dict, strict=True, assign=True)
+            return model.eval(), checkpoint, name
+        mismatch = mismatch or problem
+    raise UserError(f"{path} does not fit " + (f"--model {model_name}: {mismatch}" if model_name else
+                                                f"any of {', '.join(sorted(densenet.MODELS))} ({first}: {mismatch})"))
+
+
 def args_to_dict(args):
     """argparse.Namespace -> plain dict, safe for weights_only loading."""
     out = {}
@@ -295,6 +340,25 @@ def append_metrics(output_dir, record):
     import json
     with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+class TensorBoardLogger:
+    """main.py --tensorboard: the per-epoch metrics.jsonl record as scalars in <output-dir>/tensorboard.
+    train_loss -> train/loss, val_acc1 -> val/acc1, lr -> lr, ...; step = epoch. Create on rank 0 only."""
+
+    def __init__(self, output_dir):
+        from torch.utils.tensorboard import SummaryWriter  # optional dependency: checked by main.validate_args
+        self.writer = SummaryWriter(log_dir=os.path.join(output_dir or ".", "tensorboard"))
+
+    def log(self, record):
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                tag = key.replace("_", "/", 1) if key.startswith(("train_", "val_")) else key
+                self.writer.add_scalar(tag, value, record["epoch"])
+        self.writer.flush()  # a preempted or killed run keeps every finished epoch
+
+    def close(self):
+        self.writer.close()
 
 
 def find_latest_checkpoint(output_dir):

@@ -12,6 +12,8 @@ set -o pipefail
 test_path_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo_dir=$(dirname "$test_path_dir")
 PYTHON=${PYTHON:-python3}
+OUTPUT_ROOT=${OUTPUT_ROOT:-$test_path_dir/output}   # per-rank folders <root>/<rank>/
+case "$OUTPUT_ROOT" in /*) ;; *) OUTPUT_ROOT="$PWD/$OUTPUT_ROOT" ;; esac   # main.py runs from the repo
 Network="DenseNet201_for_PyTorch"
 
 data_path=""
@@ -41,16 +43,16 @@ NODE_RANK=${NODE_RANK:-0}
 ASCEND_DEVICE_ID=${ASCEND_DEVICE_ID:-0}
 if [ "$RANK_SIZE" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     log_rank=$((NODE_RANK * RANK_SIZE))                     # this node's first global rank
-    log_file_arg=(--log-file "$test_path_dir/output/{rank}/train_{rank}.log")
+    log_file_arg=(--log-file "$OUTPUT_ROOT/{rank}/train_{rank}.log")
     launch=("$PYTHON" -m torch.distributed.run --nproc_per_node="$RANK_SIZE" --nnodes="$NNODES"
             --node_rank="$NODE_RANK" --master_addr="${MASTER_ADDR:-127.0.0.1}"
             --master_port="${MASTER_PORT:-29500}")
 else
     log_rank=$ASCEND_DEVICE_ID
-    log_file_arg=(--log-file "$test_path_dir/output/$log_rank/train_$log_rank.log" --device_id "$ASCEND_DEVICE_ID")
+    log_file_arg=(--log-file "$OUTPUT_ROOT/$log_rank/train_$log_rank.log" --device_id "$ASCEND_DEVICE_ID")
     launch=("$PYTHON")
 fi
-output_dir="$test_path_dir/output/$log_rank"
+output_dir="$OUTPUT_ROOT/$log_rank"
 log="$output_dir/train_$log_rank.log"
 mkdir -p "$output_dir"
 rm -f "$log"
@@ -98,3 +100,14 @@ TrainingTime=$(awk -v b="$BatchSize" -v f="$FPS" 'BEGIN { if (f > 0) printf "%.2
     echo "E2ETrainingTime = ${e2e_time}"
 } > "$output_dir/${CaseName}.log"
 echo "Summary: $output_dir/${CaseName}.log"
+
+# ---- training curves next to the summary (optional: a missing matplotlib never fails the run) -----------
+if [ ! -f "$output_dir/metrics.jsonl" ]; then
+    echo "note: no $output_dir/metrics.jsonl (no epoch finished), so no curves"
+elif ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+    echo "note: matplotlib is not installed, so no curves (pip install matplotlib; then" \
+         "python plot_metrics.py $output_dir/metrics.jsonl)"
+else
+    "$PYTHON" "$repo_dir/plot_metrics.py" "$output_dir/metrics.jsonl" -o "$output_dir/${CaseName}_curves.png" \
+        || echo "note: plot_metrics.py failed; the run itself succeeded"
+fi

@@ -1,0 +1,147 @@
+"""Export a DenseNet checkpoint to ONNX and check it against PyTorch with onnxruntime.
+
+    python export_onnx.py --weights output/model_best.pth --output densenet201.onnx
+    python export_onnx.py --weights densenet201-c1103571.pth            # torchvision's published file
+
+The counterpart of the Ascend reference's pthtar2onnx.py. Accepts our checkpoints ({'model': ...,
+'args': ..., 'classes': ...}), other trainers' ({'state_dict': ...}, 'module.' prefixes) and raw
+torchvision state_dicts (legacy 'norm.1' keys included); the architecture and the number of classes
+are read from the file. The graph has one input 'input' (N x 3 x H x W, float32, ImageNet-normalised)
+and one output 'output' (N x classes, logits), with a dynamic batch axis N.
+
+Exporter: the TorchScript-based one (torch.onnx.export(dynamo=False)). DenseNet has no data-dependent
+control flow, so tracing captures it exactly; that exporter needs nothing beyond torch and onnx (the
+torch.export-based one, the default since torch 2.9, also needs the onnxscript package), takes seconds
+instead of about a minute for DenseNet-201 on a CPU, and writes exactly the opset asked for (the new one
+builds opset 18 and then tries to convert down). --exporter dynamo selects the new exporter.
+
+Verification: the same random batch goes through the PyTorch model and onnxruntime (CPUExecutionProvider)
+at two batch sizes; the largest absolute difference of the logits is printed for each, and the exit code
+is 1 if either exceeds --atol. Bad input (missing file, not a checkpoint) is a one-line 'error:', exit 2.
+"""
+import argparse
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+import densenet
+import utils
+from utils import UserError
+
+EXIT_USER_ERROR = 2
+EXIT_MISMATCH = 1
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Export a DenseNet checkpoint to ONNX and verify it with onnxruntime",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--weights", required=True,
+                   help="our checkpoint (model_best.pth, checkpoint.pth, ...) or a raw torchvision state_dict")
+    p.add_argument("--model", default=None, choices=sorted(densenet.MODELS),
+                   help="architecture (default: the checkpoint's, else whichever DenseNet the weights fit)")
+    p.add_argument("--num-classes", "--num_classes", dest="num_classes", type=int, default=None,
+                   help="expected number of classes (default: from the classifier in the weights)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input height and width (default: the checkpoint's --val-crop-size, else 224)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (older CANN ATC: try 11)")
+    p.add_argument("--output", default=None, help="the .onnx file to write (default: <model>.onnx)")
+    p.add_argument("--atol", type=float, default=1e-4,
+                   help="largest allowed absolute difference between PyTorch and onnxruntime logits")
+    p.add_argument("--check-batch-sizes", type=int, nargs=2, default=(1, 4), metavar=("B1", "B2"),
+                   help="the two batch sizes run through both PyTorch and onnxruntime")
+    p.add_argument("--exporter", default="torchscript", choices=["torchscript", "dynamo"],
+                   help="torch.onnx exporter: torchscript (no extra packages) or dynamo (needs onnxscript)")
+    p.add_argument("--no-check", action="store_true", help="export only; skip the onnxruntime comparison")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random check batch")
+    return p
+
+
+def export(model, path, image_size, opset, exporter):
+    example = torch.randn(2, 3, image_size, image_size)
+    kwargs = dict(input_names=["input"], output_names=["output"], opset_version=opset)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+        if exporter == "dynamo":
+            try:
+                import onnxscript  # noqa: F401
+            except ImportError:
+                raise UserError("--exporter dynamo needs the onnxscript package: pip install onnxscript "
+                                "(or use the default --exporter torchscript)")
+            batch = torch.export.Dim("batch", min=1)
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
+                              dynamic_shapes=({0: batch},), **kwargs)
+        else:
+            torch.onnx.export(model, (example,), path, dynamo=False, do_constant_folding=True,
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, **kwargs)
+
+
+def check_with_onnxruntime(model, path, image_size, batch_sizes, seed):
+    """[(batch_size, max_abs_diff), ...] between PyTorch and onnxruntime on the same random batches."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+
+    onnx.checker.check_model(path)
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    g = torch.Generator().manual_seed(seed)
+    results = []
+    for n in batch_sizes:
+        x = torch.randn(n, 3, image_size, image_size, generator=g)
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(["output"], {input_name: x.numpy()})[0]
+        diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        results.append((n, diff))
+    return results
+
+
+def main(args):
+    if args.image_size is not None and args.image_size < 32:
+        raise UserError(f"--image-size must be >= 32 (DenseNet downsamples 32x), got {args.image_size}")
+    if args.opset < 11:
+        raise UserError(f"--opset must be >= 11, got {args.opset}")
+    model, checkpoint, name = utils.build_model_from_weights(args.weights, args.model, args.num_classes)
+    num_classes = model.classifier.out_features
+    ckpt_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    image_size = args.image_size or ckpt_args.get("val_crop_size") or 224
+    output = args.output or f"{name}.onnx"
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    print(f"Loaded {args.weights}: {name}, {num_classes} classes"
+          + (f", epoch {checkpoint['epoch']}" if "epoch" in checkpoint else ""), flush=True)
+
+    start = time.time()
+    export(model, output, image_size, args.opset, args.exporter)
+    size_mb = os.path.getsize(output) / 2 ** 20
+    print(f"Exported {output} ({size_mb:.1f} MiB, opset {args.opset}, {args.exporter} exporter, "
+          f"{time.time() - start:.1f} s): input 'input' [batch, 3, {image_size}, {image_size}] float32 "
+          f"(ImageNet-normalised), output 'output' [batch, {num_classes}] logits", flush=True)
+    if args.no_check:
+        return 0
+
+    results = check_with_onnxruntime(model, output, image_size, args.check_batch_sizes, args.seed)
+    worst = 0.0
+    for n, diff in results:
+        print(f"onnxruntime vs PyTorch, batch {n}: max abs diff {diff:.3e}", flush=True)
+        worst = max(worst, diff)
+    if not worst <= args.atol:  # also catches NaN
+        print(f"error: onnxruntime differs from PyTorch by {worst:.3e} > --atol {args.atol:g}", file=sys.stderr)
+        return EXIT_MISMATCH
+    print(f"OK: max abs diff {worst:.3e} <= --atol {args.atol:g}")
+    return 0
+
+
+def run(argv=None):
+    args = get_args_parser().parse_args(argv)
+    try:
+        return main(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(run())
