@@ -5,7 +5,10 @@
 #                                      --epochs=N       (optional)
 #                                      anything else    passed through to main.py, after our defaults,
 #                                                       so it overrides them (argparse: last one wins)
-# Inputs from the calling launcher: MODE (full|perf), DEFAULT_RANK_SIZE, DEFAULT_ARGS (array), EPOCHS.
+#                                      --recipe=NAME    (optional) flags from recipes/NAME.txt, applied after
+#                                                       the launcher's defaults and before the user's flags
+# Inputs from the calling launcher: MODE (full|perf), DEFAULT_RANK_SIZE, DEFAULT_RECIPE, DEFAULT_ARGS (array).
+# Order of main.py flags (last wins): launcher defaults < recipe < perf mode (1 epoch, 100 steps) < --epochs= < user.
 # Multi-node (8p): NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun uses them.
 set -o pipefail
 
@@ -17,12 +20,15 @@ case "$OUTPUT_ROOT" in /*) ;; *) OUTPUT_ROOT="$PWD/$OUTPUT_ROOT" ;; esac   # mai
 Network="DenseNet201_for_PyTorch"
 
 data_path=""
+recipe="$DEFAULT_RECIPE"
+user_epochs=()
 synthetic=0
 passthrough=()
 for para in "$@"; do
     case "$para" in
         --data_path=*) data_path="${para#*=}" ;;
-        --epochs=*) EPOCHS="${para#*=}" ;;
+        --epochs=*) user_epochs=(--epochs "${para#*=}") ;;
+        --recipe=*) recipe="${para#*=}" ;;
         --synthetic) synthetic=1; passthrough+=("--synthetic") ;;
         *) passthrough+=("$para") ;;
     esac
@@ -32,7 +38,19 @@ if [ -z "$data_path" ] && { [ "$MODE" != perf ] || [ "$synthetic" = 0 ]; }; then
     echo "error: $(basename "$0") needs $hint" >&2
     exit 2
 fi
+[ -d "$data_path" ] && data_path=$(cd "$data_path" && pwd)  # relative to the caller: we cd to the repo below
 data_args=(); [ -n "$data_path" ] && data_args=(--data-path "$data_path")
+
+# --recipe=NAME: one flag file per recipe (comments and blank lines ignored)
+recipe_args=()
+if [ -n "$recipe" ]; then
+    recipe_file="$repo_dir/recipes/$recipe.txt"
+    if [ ! -f "$recipe_file" ]; then
+        echo "error: no recipe '$recipe' (have: $(cd "$repo_dir/recipes" && ls *.txt | sed 's/\.txt$//' | tr '\n' ' '))" >&2
+        exit 2
+    fi
+    read -r -a recipe_args <<< "$(sed 's/#.*//' "$recipe_file" | tr '\n' ' ')"
+fi
 
 # Ascend only: the CANN environment; elsewhere main.py runs on cuda or cpu.
 if [ -d "${CANN_INSTALL_PATH:-/usr/local/Ascend}" ]; then source "$test_path_dir/env_npu.sh"; fi
@@ -59,15 +77,16 @@ rm -f "$log"
 
 start_time=$(date +%s)
 cd "$repo_dir" || exit 1
-"${launch[@]}" main.py "${data_args[@]}" --epochs "$EPOCHS" --output-dir "$output_dir" "${log_file_arg[@]}" \
-    "${DEFAULT_ARGS[@]}" "${passthrough[@]}"
+mode_args=(); [ "$MODE" = perf ] && mode_args=(--epochs 1 --max-steps 100)
+"${launch[@]}" main.py "${data_args[@]}" --output-dir "$output_dir" "${log_file_arg[@]}" \
+    "${DEFAULT_ARGS[@]}" "${recipe_args[@]}" "${mode_args[@]}" "${user_epochs[@]}" "${passthrough[@]}"
 status=$?
 e2e_time=$(( $(date +%s) - start_time ))
 if [ "$status" != 0 ]; then
     echo "error: training exited with status $status; see $log" >&2
     exit "$status"
 fi
-if [ ! -f "$log" ]; then
+if [ ! -f "$log" ] || { [ "${#launch[@]}" -gt 1 ] && [ "$log_rank" != 0 ]; }; then  # torchrun, NODE_RANK > 0
     echo "(no rank-0 log on this node: the summary is written on the node with NODE_RANK=0)"
     exit 0
 fi

@@ -87,7 +87,7 @@ def fp16_step(mp, model, opt, x, y, inject_inf=False):
     mp.backward_and_step(loss, opt, model.parameters())
     if handle is not None:
         handle.remove()
-    return float(loss)
+    return float(loss.detach())
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -407,11 +408,12 @@ def _train_without_images(root):
     (_train_emptied, [], ["train has no class folders"]),
     (_train_without_images, [], ["contains no image files"]),
     (None, ["--test-only"], ["--test-only needs weights"]),
+    (None, ["--test-only", "--resume", "auto"], ["--resume auto: no checkpoint in"]),  # not random weights
     (None, ["--resume", "/nonexistent/ckpt.pth"], ["/nonexistent/ckpt.pth", "no such file"]),
     (None, ["--batch-size", "0"], ["--batch-size must be > 0"]),
     (None, ["--epochs", "-1"], ["--epochs must be >= 0"]),
 ], ids=["missing-data-path", "no-train", "no-val", "val-classes-differ", "empty-train", "train-no-images",
-        "test-only-no-weights", "resume-missing", "batch-size-0", "negative-epochs"])
+        "test-only-no-weights", "test-only-auto-nothing", "resume-missing", "batch-size-0", "negative-epochs"])
 def test_one_line_errors(tmp_path, break_data, extra, fragments):
     root = write_image_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
     if break_data:
@@ -448,9 +450,12 @@ def launcher_id():
 
 def test_train_full_1p_summary(tiny_data, launcher_id):
     device_id, folder = launcher_id
-    proc = run_script("train_full_1p.sh", [f"--data_path={tiny_data}", "--epochs=1", "--model", "densenet121",
-                                           *SMALL_RUN, "--batch-size", "8"],
-                      env={**ENV, "ASCEND_DEVICE_ID": device_id})
+    # Run as users do, from their own folder with a relative --data_path (the launcher itself cd's to the repo).
+    env = {k: v for k, v in os.environ.items() if k != "OUTPUT_ROOT"}
+    env.update(ENV, ASCEND_DEVICE_ID=device_id)
+    proc = subprocess.run(["bash", os.path.join(REPO, "test", "train_full_1p.sh"), "--data_path=data", "--epochs=1",
+                           "--model", "densenet121", *SMALL_RUN, "--batch-size", "8"],
+                          cwd=os.path.dirname(tiny_data), env=env, capture_output=True, text=True, timeout=900)
     assert_ok(proc)
     stdout = proc.stdout
     final = dict(re.findall(r"^(Final Performance images/sec|Final Train Accuracy|E2E Training Duration sec) : (.*)$",
