@@ -82,7 +82,8 @@ class Device:
 
     def describe(self):
         if self.type == "cpu":
-            return f"cpu ({torch.get_num_threads()} threads)"
+            threads = torch.get_num_threads()
+            return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
         name = self.module().get_device_name(self.index)
         return f"{self.type}:{self.index} ({name})"
 

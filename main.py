@@ -145,6 +145,7 @@ def validate_args(args):
         (args.batch_size <= 0, f"--batch-size must be > 0, got {args.batch_size}"),
         (args.lr < 0, f"--lr must be >= 0, got {args.lr}"),
         (args.workers is not None and args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.max_bad_images < 0, f"--max-bad-images must be >= 0, got {args.max_bad_images}"),
         (args.print_freq <= 0, f"--print-freq must be > 0, got {args.print_freq}"),
         (args.max_steps is not None and args.max_steps <= 0, f"--max-steps must be > 0, got {args.max_steps}"),
         (min(args.train_crop_size, args.val_crop_size, args.val_resize_size) <= 0, "image sizes must be > 0"),
@@ -487,7 +488,13 @@ def main(args):
             elif start_step:
                 raise UserError(f"{resume_path} was saved mid-epoch by {ckpt['world_size']} ranks; resume it with "
                                 f"the same number of ranks (or from an epoch-end model_<epoch>.pth)")
-        classes = ckpt.get("classes") or classes
+        ckpt_classes = list(ckpt.get("classes") or [])
+        if ckpt_classes and not args.synthetic and ckpt_classes != list(classes):
+            # Output i means ckpt_classes[i]; the loader would label class folder i instead: silently wrong.
+            differ = sorted(set(ckpt_classes) ^ set(classes))[:4] or "same names, other order"
+            raise UserError(f"{resume_path} was trained on other classes than {args.data_path} (differ: {differ}); "
+                            f"use the same dataset, or start from it with --pretrained_weight_path")
+        classes = ckpt_classes or classes
         log(f"Resumed from {resume_path}: epoch {start_epoch}, step {start_step}")
 
     if args.test_only:
@@ -562,7 +569,8 @@ def train_one_epoch(t, loader, epoch, start_step, args, stop):
     steps_per_epoch = len(loader) + start_step
     if args.max_steps:
         steps_per_epoch = min(steps_per_epoch, args.max_steps)
-    throughput = utils.Throughput(t.device, warmup=args.warmup_steps)
+    # With --compile the first step is compilation: never inside the FPS window, even with --warmup-steps 0.
+    throughput = utils.Throughput(t.device, warmup=max(args.warmup_steps, 1) if args.compile else args.warmup_steps)
     # Running sums stay on the device; they are read (one sync) only every --print-freq steps.
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
     first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
@@ -577,6 +585,12 @@ def train_one_epoch(t, loader, epoch, start_step, args, stop):
         if batch.bad:
             report_bad_files(batch.bad, bad_files, args)
         n = len(batch.targets)
+        if utils.is_dist():
+            # DDP's gradient all-reduce pairs up across ranks: if a rank's whole local batch was unreadable,
+            # all ranks skip the step together (else they fall out of step and hang until --dist-timeout).
+            empty = torch.tensor([0 if n else 1])
+            dist.all_reduce(empty, op=dist.ReduceOp.MAX, group=stop.control_group)
+            n = 0 if empty.item() else n
         if n:
             images = t.normalize(batch.images)
             targets = batch.targets.to(dev, non_blocking=True)
@@ -597,7 +611,7 @@ def train_one_epoch(t, loader, epoch, start_step, args, stop):
             last_loss = loss.detach()
             counts = utils.accuracy_counts(output.detach(), targets)
             sums += torch.stack([last_loss.double() * n, counts[0].double(), counts[1].double(),
-                                 torch.tensor(n, dtype=torch.float64, device=dev)])
+                                 torch.full((), n, dtype=torch.float64, device=dev)])  # no H2D copy/sync
         if args.compile and step == start_step:
             t.device.synchronize()
             log(f"Epoch: [{epoch}] first step took {time.perf_counter() - epoch_start:.1f} s (torch.compile "
@@ -697,7 +711,7 @@ def evaluate(model, loader, t, args, log_prefix=""):
             output = model(images)
         counts = utils.accuracy_counts(output, targets)
         sums += torch.stack([criterion(output.float(), targets).double(), counts[0].double(), counts[1].double(),
-                             torch.tensor(len(targets), dtype=torch.float64, device=dev)])
+                             torch.full((), len(targets), dtype=torch.float64, device=dev)])
         if (step + 1) % args.print_freq == 0:
             log(f"Test: {log_prefix}[{step + 1}/{len(loader)}]")
     loss_sum, c1, c5, n = utils.all_reduce_sum(sums.tolist(), dev)

@@ -68,17 +68,17 @@ def plot(records, output, title):
     marker = "o" if len(records) <= 30 else None
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.5))
     panels = [
-        (ax_loss, "loss", [("train_loss", "train"), ("val_loss", "val")]),
-        (ax_acc, "accuracy (%)", [("train_acc1", "train Acc@1"), ("val_acc1", "val Acc@1"),
-                                  ("val_acc5", "val Acc@5"), ("val_ema_acc1", "val Acc@1 (EMA)")]),
-        (ax_lr, "learning rate", [("lr", "lr (end of epoch)")]),
+        (ax_loss, "loss", [("train_loss", "train", "-"), ("val_loss", "val", "-")]),
+        (ax_acc, "accuracy (%)", [("train_acc1", "train Acc@1", "-"), ("val_acc1", "val Acc@1", "-"),
+                                  ("val_acc5", "val Acc@5", "--"), ("val_ema_acc1", "val Acc@1 (EMA)", ":")]),
+        (ax_lr, "learning rate", [("lr", "lr (end of epoch)", "-")]),
     ]
     for ax, ylabel, curves in panels:
         drawn = 0
-        for key, label in curves:
+        for key, label, style in curves:
             x, y = series(records, key)
             if x:
-                ax.plot(x, y, marker=marker, markersize=4, label=label)
+                ax.plot(x, y, linestyle=style, marker=marker, markersize=4, label=label)
                 drawn += 1
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)

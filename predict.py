@@ -35,15 +35,15 @@ RAW_WEIGHTS_PREPROCESSING = {"val_resize_size": 256, "val_crop_size": 224, "inte
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Top-k predictions of a DenseNet checkpoint for image files/folders",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Top-k predictions of a DenseNet checkpoint for image files/folders")
     p.add_argument("paths", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
     p.add_argument("--weights", required=True, help="our checkpoint (model_best.pth, ...) or a torchvision .pth")
     p.add_argument("--model", default=None, choices=sorted(densenet.MODELS),
                    help="architecture (default: the checkpoint's, else whichever DenseNet the weights fit)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"])
-    p.add_argument("-b", "--batch-size", type=int, default=32)
-    p.add_argument("--topk", type=int, default=5, help="how many classes to report per image")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"],
+                   help="default auto: npu, else cuda, else cpu")
+    p.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default 32)")
+    p.add_argument("--topk", type=int, default=5, help="how many classes to report per image (default 5)")
     p.add_argument("--output", default=None, help="also write the predictions to this .csv or .json file")
     p.add_argument("--class-index", default=None,
                    help="JSON naming the classes: {\"0\": [\"n01440764\", \"tench\"], ...} (torchvision/Keras "
@@ -85,7 +85,7 @@ def header_problem(path):
             img.size  # noqa: B018
         return None
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = (str(e).splitlines()[0] if str(e) else type(e).__name__).replace(f" {path!r}", "")
         return f"not a readable image ({reason})"
 
 

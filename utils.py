@@ -150,6 +150,10 @@ class Throughput:
         self.start = None
         self.end = None
         self.first_step = None
+        if warmup <= 0:  # no warm-up: the window opens now, so step 1 counts (else it never opened: FPS n/a)
+            self.device.synchronize()
+            self.start = time.perf_counter()
+            self.first_step = 1
 
     def step(self, images):
         self.steps += 1
@@ -237,10 +241,12 @@ def load_safe(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
-                        f"({str(e).splitlines()[0][:150]})")
-    except Exception as e:
-        raise UserError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:150] if str(e) else ''})")
+        if "weights only" in str(e).lower() or "weights_only" in str(e):
+            raise UserError(f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
+                            f"(only tensors and plain data are accepted)")
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another file type)")
+    except Exception:
+        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another file type)")
 
 
 def extract_state_dict(checkpoint):
@@ -312,7 +318,7 @@ def build_model_from_weights(path, model_name=None, num_classes=None):
         problem = describe_mismatch(model, state_dict)
         if problem is None:
             model.load_state_dict(state_dict, strict=True, assign=True)
-            return model.eval(), checkpoint, name
+            return model.float().eval(), checkpoint, name  # float(): weights saved in fp16 run in fp32 here
         mismatch = mismatch or problem
     raise UserError(f"{path} does not fit " + (f"--model {model_name}: {mismatch}" if model_name else
                                                 f"any of {', '.join(sorted(densenet.MODELS))} ({first}: {mismatch})"))
@@ -373,7 +379,9 @@ def find_latest_checkpoint(output_dir):
             ckpt = load_safe(path)
             if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
                 return path
-        except UserError:
+            print(f"WARNING: --resume auto: skipped {path} (not a training checkpoint)", file=sys.stderr, flush=True)
+        except UserError as e:
+            print(f"WARNING: --resume auto: skipped {e}", file=sys.stderr, flush=True)  # corrupt or unsafe
             continue
     return None
 

@@ -128,5 +128,5 @@ elif ! "$PYTHON" -c "import matplotlib" 2>/dev/null; then
          "python plot_metrics.py $output_dir/metrics.jsonl)"
 else
     "$PYTHON" "$repo_dir/plot_metrics.py" "$output_dir/metrics.jsonl" -o "$output_dir/${CaseName}_curves.png" \
-        || echo "note: plot_metrics.py failed; the run itself succeeded"
+        --title "$CaseName" || echo "note: plot_metrics.py failed; the run itself succeeded"
 fi

@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -345,6 +346,19 @@ def test_test_only_evaluates_and_trains_nothing(trained, tiny_data, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".pth") or n == "metrics.jsonl"]
 
 
+def test_resume_on_other_classes_is_one_line_error(trained, tmp_path):
+    """Same number of classes, other names: the checkpoint's outputs would be mislabelled, so refuse."""
+    out, _ = trained
+    root = write_image_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    for split in ("train", "val"):
+        os.rename(os.path.join(root, split, "class_2"), os.path.join(root, split, "class_Z"))
+    proc = run_main(["--data-path", root, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "3",
+                     "--resume", str(out / "checkpoint.pth")], env=ENV)
+    assert_one_line_error(proc, "trained on other classes")
+    assert "class_2" in proc.stderr and "class_Z" in proc.stderr
+    assert "Epoch: [" not in proc.stdout and "Acc@1" not in proc.stdout
+
+
 def test_resume_auto(tiny_data, tmp_path):
     proc = train(tiny_data, tmp_path, "--resume", "auto", "--epochs", "1", "--max-steps", "1")
     assert_ok(proc)
@@ -362,11 +376,14 @@ def test_resume_auto(tiny_data, tmp_path):
 
 
 def test_max_steps_stops_each_epoch(tiny_data, tmp_path):
-    proc = train(tiny_data, tmp_path, "--epochs", "2", "--max-steps", "2")
+    proc = train(tiny_data, tmp_path, "--epochs", "2", "--max-steps", "2", "--warmup-steps", "0")
     assert_ok(proc)
     for epoch in (0, 1):
         assert step_lines(proc.stdout, epoch) == [("1", "2"), ("2", "2")], proc.stdout  # 24 images = 3 batches
         assert re.search(rf"^Epoch: \[{epoch}\] done in .*images 16 ", proc.stdout, re.M), proc.stdout
+        # --warmup-steps 0: every step is timed (FPS over steps 1-2), not "n/a"
+        assert re.search(rf"^Epoch: \[{epoch}\] FPS: {NUM} img/s \(steady state: steps 1-2 of 2, 16 images",
+                         proc.stdout, re.M), proc.stdout
     assert len(acc_lines(proc.stdout)) == 2  # evaluation stays complete
 
 
@@ -400,38 +417,47 @@ def _train_without_images(root):
     return root
 
 
-@pytest.mark.parametrize("break_data, extra, fragments", [
-    (lambda root: root + "_missing", [], ["no such directory", "_missing"]),
-    (lambda root: _without(root, "train"), [], ["missing 'train/'"]),
-    (lambda root: _without(root, "val"), [], ["missing 'val/'"]),
-    (_val_class_renamed, [], ["val classes differ from train classes", "class_2", "class_X"]),
-    (_train_emptied, [], ["train has no class folders"]),
-    (_train_without_images, [], ["contains no image files"]),
-    (None, ["--test-only"], ["--test-only needs weights"]),
-    (None, ["--test-only", "--resume", "auto"], ["--resume auto: no checkpoint in"]),  # not random weights
-    (None, ["--resume", "/nonexistent/ckpt.pth"], ["/nonexistent/ckpt.pth", "no such file"]),
-    (None, ["--batch-size", "0"], ["--batch-size must be > 0"]),
-    (None, ["--epochs", "-1"], ["--epochs must be >= 0"]),
-], ids=["missing-data-path", "no-train", "no-val", "val-classes-differ", "empty-train", "train-no-images",
-        "test-only-no-weights", "test-only-auto-nothing", "resume-missing", "batch-size-0", "negative-epochs"])
-def test_one_line_errors(tmp_path, break_data, extra, fragments):
-    root = write_image_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
-    if break_data:
-        root = break_data(root)
-    out = tmp_path / "out"
-    proc = run_main(["--data-path", root, "--output-dir", str(out), *TINY, "--epochs", "1", *extra], env=ENV)
+ERROR_CASES = {  # id: (how to break the tiny folder, extra flags, fragments the one-line error must contain)
+    "missing-data-path": (lambda root: root + "_missing", [], ["no such directory", "_missing"]),
+    "no-train": (lambda root: _without(root, "train"), [], ["missing 'train/'"]),
+    "no-val": (lambda root: _without(root, "val"), [], ["missing 'val/'"]),
+    "val-classes-differ": (_val_class_renamed, [], ["val classes differ from train classes", "class_2", "class_X"]),
+    "empty-train": (_train_emptied, [], ["train has no class folders"]),
+    "train-no-images": (_train_without_images, [], ["contains no image files"]),
+    "test-only-no-weights": (None, ["--test-only"], ["--test-only needs weights"]),
+    "test-only-auto-nothing": (None, ["--test-only", "--resume", "auto"], ["--resume auto: no checkpoint in"]),
+    "resume-missing": (None, ["--resume", "/nonexistent/ckpt.pth"], ["/nonexistent/ckpt.pth", "no such file"]),
+    "batch-size-0": (None, ["--batch-size", "0"], ["--batch-size must be > 0"]),
+    "negative-epochs": (None, ["--epochs", "-1"], ["--epochs must be >= 0"]),
+    "no-data-path": ("omit", [], ["no dataset", "--data-path"]),
+}
+
+
+@pytest.fixture(scope="module")
+def error_runs(tmp_path_factory):
+    """Run every error case once, two at a time (each is mostly python/torch start-up: ~3 s of one core)."""
+    def run_case(case_id):
+        break_data, extra, _ = ERROR_CASES[case_id]
+        tmp = tmp_path_factory.mktemp(case_id)
+        root = write_image_folder(tmp / "data", train_per_class=1, val_per_class=1)
+        data_args = [] if break_data == "omit" else ["--data-path", break_data(root) if break_data else root]
+        out = tmp / "out"
+        proc = run_main([*data_args, "--output-dir", str(out), *TINY, "--epochs", "1", *extra], env=ENV)
+        return proc, out
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(ERROR_CASES, pool.map(run_case, ERROR_CASES)))
+
+
+@pytest.mark.parametrize("case_id", list(ERROR_CASES))
+def test_one_line_errors(error_runs, case_id):
+    proc, out = error_runs[case_id]
     assert_one_line_error(proc)
     assert proc.returncode == main.EXIT_USER_ERROR
-    for fragment in fragments:
+    for fragment in ERROR_CASES[case_id][2]:
         assert fragment in proc.stderr, proc.stderr
-    assert "Start training" not in proc.stdout
+    assert "Start training" not in proc.stdout and "Acc@1" not in proc.stdout
     assert not (out.exists() and [n for n in os.listdir(out) if n.endswith(".pth")])
-
-
-def test_no_data_path_is_one_line_error(tmp_path):
-    proc = run_main(["--output-dir", str(tmp_path), *TINY], env=ENV)
-    assert_one_line_error(proc, "--data-path")
-    assert proc.returncode == main.EXIT_USER_ERROR
 
 
 # ----------------------------------------------------------------------------

@@ -351,6 +351,7 @@ def test_two_nodes_on_loopback(launcher_data, tmp_path):
     assert ACC.search(text0)
     assert (tmp_path / "node1" / "1" / "train_1.log").is_file()  # the second node logs its own rank
     assert "no rank-0 log on this node" in node1.stdout
+    assert not list((tmp_path / "node1").glob("*/*_acc.log"))  # no bogus summary from rank 1's log
     assert (tmp_path / "node0" / "0" / "DenseNet201_for_PyTorch_bs8_2p_acc.log").is_file()
 
 
@@ -375,6 +376,25 @@ def test_a_failing_rank_ends_the_job_promptly(tmp_path):
     assert f"error: more than --max-bad-images 0 unreadable training images (latest: {bad})" in proc.stderr, \
         proc.stderr[-4000:]
     assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(tmp_path):
+    # Both images of rank 1's first local batch are corrupt (rank r's k-th batch: order[k*4 + r::2][:2]).
+    # Within --max-bad-images that is no error, but rank 1 has nothing to train on at step 0; if it
+    # skipped the step alone, DDP's all-reduces would pair up across different steps and the job would
+    # hang until --dist-timeout. All ranks must skip it together.
+    root = write_folder(tmp_path / "data", {"train": [2] * 6, "val": [1] * 6}, seed=4)
+    samples = samples_of(os.path.join(root, "train"))
+    order = training_order(len(samples))
+    for i in (order[1], order[3]):
+        with open(samples[i][0], "wb") as f:
+            f.write(b"not an image")
+    proc = torchrun(2, ["main.py", *TRAIN, "--data-path", root, "--batch-size", "4", "--max-bad-images", "5",
+                        "--output-dir", str(tmp_path / "out"), "--dist-timeout", "120"], timeout=300)
+    log = ok(proc)
+    # Step 0 trained nobody (rank 0's 2 good images were skipped too); steps 1 and 2 trained 8 images.
+    assert re.search(r"Epoch: \[0\] done in .*images 8 +unreadable images 2", log), log
+    assert (tmp_path / "out" / "checkpoint.pth").is_file()
 
 
 def test_distributed_flag_without_launcher_is_one_line_error(tmp_path):

@@ -29,7 +29,10 @@ import utils
 # 3 classes x 16 train images, batch 4: 12 steps per epoch; 6 val images.
 STEPS = 12
 BASE = ["--model", "densenet121", *SMALL_RUN, "-b", "4", "--deterministic", "--seed", "7", "--lr", "0.01",
-        "--lr-scheduler", "step"]  # step schedule: the LR does not depend on --epochs
+        "--lr-scheduler", "step",  # step schedule: the LR does not depend on --epochs
+        # Dropout and mixup/cutmix draw from the trainer's global RNG, so a resume must restore it exactly
+        # (augmentation is seeded per sample and would not notice).
+        "--drop-rate", "0.1", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 

@@ -1,0 +1,361 @@
+"""Performance mode and the fast paths, functionally (no timings are asserted here; see benchmark.py).
+
+  * --max-steps / --synthetic, and the perf launcher's summary (CaseName *_perf, numeric ActualFPS)
+  * the fast training decode (--fast-decode, the default) against torchvision's PIL path
+  * --compile and --memory-efficient give the default's loss; the step makes no host syncs between prints
+"""
+import io
+import os
+import re
+import shutil
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO, SMALL_RUN, run_main, run_script, write_image_folder  # noqa: E402
+
+sys.path.insert(0, REPO)
+import data  # noqa: E402
+import densenet  # noqa: E402
+import main  # noqa: E402
+from device import build_mixed_precision, build_sgd, resolve_device  # noqa: E402
+
+ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+TINY = ["--model", "densenet121", *SMALL_RUN, "--batch-size", "4"]
+NUM = r"(\d+(?:\.\d+)?)"
+
+# Fast decode vs torchvision's PIL path, same file, same crop box, same flip. The JPEG decode is the same
+# libjpeg-turbo arithmetic (asserted exact below), so the only difference is the antialiased bilinear resize:
+# torch's vectorised uint8 kernel and Pillow's compute the same separable filter in fixed point with
+# different precisions, and each of the two passes may round the other way: at most 1 grey level per pass.
+RESIZE_MAX_DIFF = 2
+RESIZE_MEAN_DIFF = 0.1
+
+
+def assert_ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+
+
+def step_numbers(log):
+    return [int(s) for s in re.findall(r"^Epoch: \[0\]\s+\[\s*(\d+)/\d+\]", log, re.M)]
+
+
+def photo(width, height, seed):
+    """A smooth, photo-like RGB image (low-frequency colour fields, an edge, mild noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    channels = []
+    for _ in range(3):
+        fx, fy, phase = rng.uniform(0.5, 4, 2) * 2 * np.pi / np.array([width, height]), rng.uniform(0, 6.3)
+        channels.append(128 + 80 * np.sin(fx * x + fy * y + phase) + 30 * (x > width * rng.uniform(0.3, 0.7)))
+    pixels = np.stack(channels, -1) + rng.normal(0, 4, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def write_photos(root, sizes, fmt="JPEG", mode="RGB", seed=0):
+    os.makedirs(root, exist_ok=True)
+    for k, (w, h) in enumerate(sizes):
+        img = photo(w, h, seed + k).convert(mode)
+        ext = "png" if fmt == "PNG" else "jpg"
+        img.save(os.path.join(root, f"img_{k:03d}.{ext}"), format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return root
+
+
+# ----------------------------------------------------------------------------
+# 1. --max-steps, --synthetic, the perf launcher
+# ----------------------------------------------------------------------------
+
+def test_max_steps_stops_where_asked_on_real_data(tmp_path):
+    root = write_image_folder(tmp_path / "data")  # 24 training images = 6 batches of 4
+    proc = run_main(["--data-path", root, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1",
+                     "--max-steps", "3"], env=ENV)
+    assert_ok(proc)
+    assert step_numbers(proc.stdout) == [1, 2, 3], proc.stdout
+    assert re.search(r"^Epoch: \[0\] done in .*images 12 ", proc.stdout, re.M), proc.stdout
+
+
+def test_synthetic_needs_no_data_path(tmp_path):
+    proc = run_main(["--synthetic", "--output-dir", str(tmp_path), *TINY, "--epochs", "1", "--max-steps", "5",
+                     "--warmup-steps", "2", "--num_classes", "10"], env=ENV)
+    assert_ok(proc)
+    assert step_numbers(proc.stdout) == [1, 2, 3, 4, 5], proc.stdout
+    assert re.search(rf"^Epoch: \[0\] FPS: {NUM} img/s \(steady state: steps 3-5 of 5, 12 images .*excluded "
+                     r"\(synthetic\)", proc.stdout, re.M), proc.stdout
+    assert " * Acc@1" not in proc.stdout  # nothing to evaluate
+
+
+def test_perf_launcher_synthetic_summary(tmp_path):
+    env = {**ENV, "OUTPUT_ROOT": str(tmp_path / "output"), "ASCEND_DEVICE_ID": "0"}
+    proc = run_script("train_performance_1p.sh", ["--synthetic", "--model", "densenet121", "--batch-size", "4",
+                                                  "--max-steps", "8", "--device", "cpu", "--train-crop-size", "32",
+                                                  "--warmup-steps", "2"], env=env, timeout=300)
+    assert_ok(proc)
+    summaries = [n for n in os.listdir(tmp_path / "output" / "0") if n.endswith("_perf.log")]
+    assert summaries == ["DenseNet201_for_PyTorch_bs4_1p_perf.log"], os.listdir(tmp_path / "output" / "0")
+    fields = dict(line.split(" = ", 1) for line in
+                  (tmp_path / "output" / "0" / summaries[0]).read_text().splitlines() if " = " in line)
+    assert fields["CaseName"].endswith("_perf")
+    assert float(fields["ActualFPS"]) > 0, fields
+    assert float(fields["TrainingTime"]) > 0, fields
+    log = (tmp_path / "output" / "0" / "train_0.log").read_text()
+    assert step_numbers(log)[-1] == 8, log  # the launcher's --max-steps 100 gave way to ours
+    assert re.search(r"FPS: .*steps 3-8 of 8, 24 images", log), log  # first --warmup-steps excluded
+
+
+def test_perf_launcher_needs_data_path_or_synthetic(tmp_path):
+    proc = run_script("train_performance_1p.sh", ["--device", "cpu"],
+                      env={**ENV, "OUTPUT_ROOT": str(tmp_path / "output"), "ASCEND_DEVICE_ID": "0"}, timeout=60)
+    assert proc.returncode == 2
+    assert "--synthetic" in proc.stderr and "--data_path" in proc.stderr, proc.stderr
+
+
+# ----------------------------------------------------------------------------
+# 2. Fast training decode vs torchvision's PIL path
+# ----------------------------------------------------------------------------
+
+def test_fast_decode_is_the_default_and_falls_back_where_it_must():
+    args = main.get_args_parser().parse_args(["--synthetic"])
+    assert args.fast_decode is True
+    assert hasattr(data.train_transform(32, fast_decode=True), "loader")
+    assert not hasattr(data.train_transform(32), "loader")  # the library default stays torchvision's PIL path
+    # PIL-level augmentations and other filters keep the PIL path (exactly torchvision's) even when asked.
+    assert not hasattr(data.train_transform(32, auto_augment="ta_wide", fast_decode=True), "loader")
+    assert not hasattr(data.train_transform(32, interpolation="bicubic", fast_decode=True), "loader")
+    erase = data.train_transform(32, random_erase=0.5, fast_decode=True)
+    assert hasattr(erase, "loader") and len(erase.transforms) == 2
+
+
+def test_jpeg_header_parser_agrees_with_pil(tmp_path):
+    src = photo(70, 50, 1)
+    for mode, kwargs in (("RGB", {}), ("RGB", {"progressive": True}), ("L", {}), ("CMYK", {}),
+                         ("RGB", {"exif": b"Exif\0\0" + b"x" * 300})):
+        buf = io.BytesIO()
+        src.convert(mode).save(buf, "JPEG", **kwargs)
+        with Image.open(io.BytesIO(buf.getvalue())) as img:
+            assert data._jpeg_header(bytearray(buf.getvalue())) == (img.mode, img.size)
+    assert data._jpeg_header(bytearray(b"\x89PNG\r\n")) is None and data._jpeg_header(bytearray()) is None
+
+
+def test_fast_decode_pixels_are_libjpegs_exactly(tmp_path):
+    from torchvision.io import ImageReadMode, decode_jpeg
+    path = write_photos(tmp_path / "p", [(97, 61)])
+    file = os.path.join(path, os.listdir(path)[0])
+    with open(file, "rb") as f:
+        decoded = decode_jpeg(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    pil = torch.from_numpy(np.array(data.load_rgb(file))).permute(2, 0, 1)
+    assert torch.equal(decoded, pil)
+
+
+def pair(tmp_path, sizes, crop, fmt="JPEG", mode="RGB", **transform_kwargs):
+    """The standard (PIL) and fast datasets over the same files, with the same seed."""
+    write_photos(tmp_path / "data" / "c0", sizes, fmt=fmt, mode=mode)
+    root = str(tmp_path / "data")
+    standard = data.ImageFolderDataset(root, data.train_transform(crop, **transform_kwargs), seed=5)
+    fast = data.ImageFolderDataset(root, data.train_transform(crop, fast_decode=True, **transform_kwargs), seed=5)
+    assert not hasattr(standard.transform, "loader") and fast.transform.loader is data.load_encoded
+    return standard, fast
+
+
+def diffs(standard, fast, keys):
+    worst, means = 0, []
+    for key in keys:
+        (a, ta), (b, tb) = standard[key], fast[key]
+        assert ta == tb and a.dtype == b.dtype == torch.uint8 and a.shape == b.shape, (a.shape, b.shape)
+        assert a.is_contiguous() and b.is_contiguous()
+        d = (a.int() - b.int()).abs()
+        worst, means = max(worst, int(d.max())), means + [float(d.float().mean())]
+    return worst, sum(means) / len(means)
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("JPEG", "L"), ("PNG", "RGB"), ("JPEG", "CMYK")],
+                         ids=["jpeg", "grey-jpeg", "png", "cmyk-jpeg"])
+def test_fast_decode_matches_standard_for_the_same_crops(tmp_path, fmt, mode):
+    # Crops drawn from the header's size with the same RNG draws: same boxes, same flips, pixels within rounding.
+    sizes = [(120, 90), (90, 120), (101, 77), (64, 64)]
+    standard, fast = pair(tmp_path, sizes, 56, fmt=fmt, mode=mode)
+    worst, mean = diffs(standard, fast, [(epoch, i, 0) for epoch in range(3) for i in range(len(sizes))])
+    assert worst <= RESIZE_MAX_DIFF and mean <= RESIZE_MEAN_DIFF, (worst, mean)
+
+
+def test_fast_decode_flip_and_crop_follow_the_seed(tmp_path):
+    # Full-image crops, no resize (crop == size): the only possible difference is the flip, which must agree.
+    standard, fast = pair(tmp_path, [(48, 48)] * 3, 48, scale=(1.0, 1.0))
+    for key in [(e, i, 0) for e in range(6) for i in range(3)]:
+        assert torch.equal(standard[key][0], fast[key][0]), key
+
+
+def test_reduced_size_decode_keeps_the_content(tmp_path):
+    # A 512x384 photo cropped to 32 px: libjpeg decodes at 1/2..1/8 scale. Not the same bits (the DCT-domain
+    # downscale replaces part of the antialiasing filter and the crop edges snap to the reduced grid), but
+    # the same picture: small mean difference on smooth content.
+    standard, fast = pair(tmp_path, [(512, 384)] * 2, 32)
+    header = data.load_encoded(standard.samples[0][0])
+    assert fast.transform.transforms[0].reduction(384, 512, header) == 8
+    worst, mean = diffs(standard, fast, [(e, i, 0) for e in range(4) for i in range(2)])
+    assert mean < 6, (worst, mean)
+    no_reduce = data.FastRandomResizedCrop(32, reduced_decode=False)
+    assert no_reduce.reduction(384, 512, header) == 1
+
+
+def test_fast_decode_reports_truncated_and_non_images(tmp_path):
+    folder = write_photos(tmp_path / "data" / "c0", [(80, 60), (80, 60)])
+    good = os.path.join(folder, "img_000.jpg")
+    with open(good, "rb") as f:
+        blob = f.read()
+    with open(os.path.join(folder, "img_001.jpg"), "wb") as f:
+        f.write(blob[: len(blob) // 2])  # truncated: the header parses, the pixels don't
+    with open(os.path.join(folder, "img_002.jpg"), "wb") as f:
+        f.write(b"not an image at all")
+    ds = data.ImageFolderDataset(str(tmp_path / "data"), data.train_transform(32, fast_decode=True))
+    results = {os.path.basename(ds.samples[i][0]): ds[i] for i in range(len(ds))}
+    assert results["img_000.jpg"][0].shape == (3, 32, 32)
+    for name in ("img_001.jpg", "img_002.jpg"):
+        assert isinstance(results[name], data.BadSample), name
+        assert results[name].path.endswith(name) and results[name].reason
+    batch = data.collate_skip_bad(list(results.values()))
+    assert batch.images.shape == (1, 3, 32, 32) and len(batch.bad) == 2
+
+
+def test_model_trains_on_the_fast_pipeline(tmp_path):
+    # Through the real DataLoader (a worker process, uint8 batches, normalisation on the device).
+    root = write_image_folder(tmp_path / "data", classes=3, train_per_class=8, size=48)
+    train = data.ImageFolderDataset(os.path.join(root, "train"), data.train_transform(32, fast_decode=True), seed=1)
+    sampler = data.ResumableDistributedSampler(len(train), seed=1)
+    loader = data.make_loader(train, sampler, 8, 1, False, 1, drop_last=True)
+    torch.manual_seed(0)
+    model = densenet.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    model.to(memory_format=torch.channels_last)
+    normalize = data.DeviceNormalize(torch.device("cpu"), channels_last=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    losses = []
+    for epoch in range(8):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            assert batch.images.dtype == torch.uint8 and batch.images.shape == (8, 3, 32, 32) and not batch.bad
+            loss = nn.functional.cross_entropy(model(normalize(batch.images)), batch.targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    assert all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:3]), losses
+
+
+def test_main_trains_without_fast_decode(tmp_path):
+    # The default (fast) path runs in every other real-data test; this is torchvision's PIL path, on request.
+    root = write_image_folder(tmp_path / "data")
+    proc = run_main(["--data-path", root, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1",
+                     "--max-steps", "2", "--no-fast-decode"], env=ENV)
+    assert_ok(proc)
+    assert re.search(r"Epoch: \[0\] done in .*train loss \d", proc.stdout), proc.stdout
+
+
+# ----------------------------------------------------------------------------
+# 3. The training step: --compile, --memory-efficient, no host syncs
+# ----------------------------------------------------------------------------
+
+def tiny_densenet(**kwargs):
+    return densenet.DenseNet(growth_rate=4, block_config=(2,), num_init_features=8, bn_size=2, num_classes=5,
+                             **kwargs)
+
+
+def run_steps(model, argv, steps=3, batch_size=4, size=32):
+    """main.train_one_epoch on a fixed synthetic batch, with main.py's building blocks; returns its stats."""
+    args = main.get_args_parser().parse_args(["--synthetic", "--device", "cpu", "--print-freq", "1",
+                                              "--warmup-steps", "1", "--lr", "0.1", *argv])
+    device = resolve_device("cpu")
+    torch.manual_seed(0)
+    model.to(memory_format=torch.channels_last)
+    amp = build_mixed_precision(args, device)
+    optimizer = build_sgd(main.param_groups(model, args.weight_decay, 0.0), args.lr, args.momentum, device)
+    t = main.Trainer(model=torch.compile(model) if args.compile else model, model_without_ddp=model, ema=None,
+                     optimizer=optimizer, amp=amp, device=device,
+                     normalize=data.DeviceNormalize(device.torch_device, True), criterion=nn.CrossEntropyLoss(),
+                     mixup=main.recipe.MixupCutmix(5))
+    loader = data.SyntheticLoader(batch_size, size, 5, steps, seed=3)
+    stats = main.train_one_epoch(t, loader, 0, 0, args, main.StopSignal())
+    return stats, model
+
+
+def test_memory_efficient_gives_the_same_loss_and_weights():
+    torch.manual_seed(0)
+    plain = tiny_densenet()
+    efficient = tiny_densenet(memory_efficient=True)
+    efficient.load_state_dict(plain.state_dict())
+    a, plain = run_steps(plain, [])
+    b, efficient = run_steps(efficient, ["--memory-efficient"])
+    # Checkpointing recomputes the same ops on the same inputs: the same numbers, up to float reassociation.
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-6)
+    for (name, x), y in zip(plain.state_dict().items(), efficient.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _have_compiler():
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _have_compiler(), reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
+def test_compile_gives_the_same_loss(capsys):
+    # A tiny DenseNet: compiling densenet121's graph would take minutes on a 2-core machine (the first
+    # compile here takes ~1 min cold while inductor builds its C++ kernels, seconds once they are cached).
+    torch.manual_seed(0)
+    eager = tiny_densenet()
+    compiled = tiny_densenet()
+    compiled.load_state_dict(eager.state_dict())
+    a, _ = run_steps(eager, [])
+    capsys.readouterr()
+    b, _ = run_steps(compiled, ["--compile", "--warmup-steps", "0"])
+    log = capsys.readouterr().out
+    # Fused kernels sum in another order: float32 rounding, nothing more.
+    assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    assert re.search(r"first step took .* s \(torch\.compile compilation; excluded from FPS\)", log), log
+    assert re.search(r"FPS: .*steps 2-3 of 3", log), log  # compilation stays out of the window, even at 0
+
+
+def test_no_host_sync_between_print_steps(monkeypatch):
+    """Outside print steps the step must not read device values on the host (.item(), float(), bool(),
+    tolist()...) nor copy host values to the device with torch.tensor(..., device=): each is a full
+    device sync on a GPU/NPU. Counted on the CPU, where the same calls happen."""
+    calls, step = [], {"now": None}
+    for name in ("item", "tolist", "__float__", "__int__", "__bool__", "__index__", "cpu", "numpy"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _name=name, _original=original, **k):
+            calls.append((step["now"], _name))
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    original_tensor = torch.tensor
+
+    def tensor_spy(*a, **k):
+        if k.get("device") is not None:
+            calls.append((step["now"], "torch.tensor(device=)"))
+        return original_tensor(*a, **k)
+    monkeypatch.setattr(torch, "tensor", tensor_spy)
+
+    class CountingLoader(data.SyntheticLoader):
+        def __iter__(self):
+            for i, batch in enumerate(super().__iter__()):
+                step["now"] = i
+                yield batch
+    monkeypatch.setattr(data, "SyntheticLoader", CountingLoader)
+    torch.manual_seed(0)
+    run_steps(tiny_densenet(), ["--print-freq", "100", "--warmup-steps", "1"], steps=6)
+    # Step 0 opens the loop, step 5 is the (last) print step; steps 1-4 must be sync-free.
+    assert [c for c in calls if c[0] in (1, 2, 3, 4)] == []
+    assert [c for c in calls if c[0] == 5], "the spy saw nothing at the print step: it is not working"
+
+
+def test_loader_settings():
+    ds = torch.utils.data.TensorDataset(torch.zeros(4))
+    loader = data.make_loader(ds, None, 2, 2, True, 0)
+    assert loader.persistent_workers and loader.prefetch_factor == 4 and loader.pin_memory
+    assert data.make_loader(ds, None, 2, 0, False, 0).prefetch_factor is None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert data.default_workers(1) == max(0, min(8, cores - 1))
+    assert data.default_workers(2) == max(0, min(8, cores // 2 - 1))
