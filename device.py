@@ -78,6 +78,10 @@ class Device:
     def default_amp_dtype(self):
         if self.type == "npu":
             return torch.float16
+        if self.type == "cpu":
+            # oneDNN's fp16 backward kernels are far slower than bf16 on every CPU we measured (densenet121:
+            # 0.45 vs 25.7 img/s), and bf16 needs no loss scaling; CPUs without native bf16 emulate it.
+            return torch.bfloat16
         return torch.bfloat16 if self.supports_bf16() else torch.float16
 
     def describe(self):

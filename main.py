@@ -488,6 +488,11 @@ def main(args):
             elif start_step:
                 raise UserError(f"{resume_path} was saved mid-epoch by {ckpt['world_size']} ranks; resume it with "
                                 f"the same number of ranks (or from an epoch-end model_<epoch>.pth)")
+            saved_batch = (ckpt.get("args") or {}).get("batch_size", args.batch_size)
+            if start_step and saved_batch != args.batch_size:  # the sampler skips next_step * batch samples
+                raise UserError(f"{resume_path} was saved mid-epoch (step {start_step}) with --batch-size "
+                                f"{saved_batch}; resume it with the same --batch-size (or from an epoch-end "
+                                f"model_<epoch>.pth)")
         ckpt_classes = list(ckpt.get("classes") or [])
         if ckpt_classes and not args.synthetic and ckpt_classes != list(classes):
             # Output i means ckpt_classes[i]; the loader would label class folder i instead: silently wrong.

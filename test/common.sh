@@ -76,9 +76,9 @@ mkdir -p "$output_dir"
 rm -f "$log"
 
 start_time=$(date +%s)
-cd "$repo_dir" || exit 1
+# main.py runs from the caller's directory, so relative paths in any flag mean what the user meant.
 mode_args=(); [ "$MODE" = perf ] && mode_args=(--epochs 1 --max-steps 100)
-"${launch[@]}" main.py "${data_args[@]}" --output-dir "$output_dir" "${log_file_arg[@]}" \
+"${launch[@]}" "$repo_dir/main.py" "${data_args[@]}" --output-dir "$output_dir" "${log_file_arg[@]}" \
     "${DEFAULT_ARGS[@]}" "${recipe_args[@]}" "${mode_args[@]}" "${user_epochs[@]}" "${passthrough[@]}"
 status=$?
 e2e_time=$(( $(date +%s) - start_time ))

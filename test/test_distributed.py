@@ -13,7 +13,6 @@ other jobs on the machine. Each process uses one thread (OMP_NUM_THREADS=1): the
 """
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import REPO, SMALL_RUN, assert_one_line_error, run_main
+from conftest import REPO, SMALL_RUN, assert_one_line_error
 
 import data as data_lib  # noqa: E402  (conftest put the repo on sys.path)
 import densenet  # noqa: E402
@@ -55,9 +54,15 @@ def clean_env(**extra):
     return env
 
 
-def torchrun(nproc, script_args, port=None, env=None, timeout=300):
+def run_main(args, env=None, timeout=300):
+    """`python main.py ARGS` as one plain process (conftest's run_main would keep launcher variables)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
+                          env=clean_env(**(env or {})), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun(nproc, script_args, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-           "--master_addr=127.0.0.1", f"--master_port={port or free_port()}", *script_args]
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script_args]
     return subprocess.run(cmd, cwd=REPO, env=clean_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
 
@@ -180,7 +185,7 @@ def runs(train_data, tmp_path_factory):
     """A 1-process and a 2-process training run with the same global batch, same seed, same samples."""
     base = tmp_path_factory.mktemp("ddp_runs")
     args = [*TRAIN, "--data-path", train_data, "--batch-size", str(GLOBAL_BATCH), "--max-steps", str(STEPS)]
-    one = ok(run_main([*args, "--output-dir", str(base / "1p")], env=clean_env(), timeout=300))
+    one = ok(run_main([*args, "--output-dir", str(base / "1p")], timeout=300))
     wrapper = base / "rank_dump.py"
     wrapper.write_text(RANK_DUMP_WRAPPER.format(repo=REPO))
     (base / "ranks").mkdir()
@@ -281,7 +286,7 @@ def test_evaluation_is_exact_for_1_2_3_processes(runs, tmp_path):
             "--batch-size", "6", "--output-dir", str(tmp_path / "out")]
     results = {}
     for nproc in (1, 2, 3):
-        proc = run_main(args, env=clean_env(), timeout=300) if nproc == 1 else torchrun(nproc, ["main.py", *args])
+        proc = run_main(args, timeout=300) if nproc == 1 else torchrun(nproc, ["main.py", *args])
         log = ok(proc)
         assert f"world size {nproc}" in log
         found = ACC.findall(log)
@@ -298,7 +303,7 @@ def test_evaluation_is_exact_for_1_2_3_processes(runs, tmp_path):
 LAUNCHER_ARGS = ["--model", "densenet121", *SMALL_RUN, "--batch-size", "8"]
 
 
-def launcher(env, data, output_root, *extra, timeout=400):
+def launcher(env, data, output_root, *extra):
     return subprocess.Popen(["bash", os.path.join(REPO, "test", "train_full_8p.sh"), f"--data_path={data}",
                              "--epochs=1", *LAUNCHER_ARGS, *extra],
                             cwd=REPO, env=clean_env(OUTPUT_ROOT=output_root, **env),
@@ -400,7 +405,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(t
 def test_distributed_flag_without_launcher_is_one_line_error(tmp_path):
     root = write_folder(tmp_path / "data", {"train": [1] * 6, "val": [1] * 6})
     proc = run_main(["--model", "densenet121", *SMALL_RUN, "--data-path", root, "--distributed",
-                     "--output-dir", str(tmp_path / "out")], env=clean_env(), timeout=120)
+                     "--output-dir", str(tmp_path / "out")], timeout=120)
     assert_one_line_error(proc, "--distributed needs a launcher")
 
 
@@ -421,6 +426,6 @@ def test_sync_bn_on_cpu_is_one_line_error(tmp_path):
     root = write_folder(tmp_path / "data", {"train": [1] * 6, "val": [1] * 6})
     proc = run_main(["--model", "densenet121", *SMALL_RUN, "--data-path", root, "--sync-bn", "--batch-size", "4",
                      "--output-dir", str(tmp_path / "out")],
-                    env=clean_env(RANK=0, LOCAL_RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
-                                  MASTER_PORT=free_port()), timeout=120)
+                    env=dict(RANK=0, LOCAL_RANK=0, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=free_port()),
+                    timeout=120)
     assert_one_line_error(proc, "--sync-bn: torch's SyncBatchNorm runs on GPU/NPU only")

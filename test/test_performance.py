@@ -52,7 +52,7 @@ def photo(width, height, seed):
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     channels = []
     for _ in range(3):
-        fx, fy, phase = rng.uniform(0.5, 4, 2) * 2 * np.pi / np.array([width, height]), rng.uniform(0, 6.3)
+        (fx, fy), phase = rng.uniform(0.5, 4, 2) * 2 * np.pi / np.array([width, height]), rng.uniform(0, 6.3)
         channels.append(128 + 80 * np.sin(fx * x + fy * y + phase) + 30 * (x > width * rng.uniform(0.3, 0.7)))
     pixels = np.stack(channels, -1) + rng.normal(0, 4, (height, width, 3))
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -167,7 +167,6 @@ def diffs(standard, fast, keys):
     for key in keys:
         (a, ta), (b, tb) = standard[key], fast[key]
         assert ta == tb and a.dtype == b.dtype == torch.uint8 and a.shape == b.shape, (a.shape, b.shape)
-        assert a.is_contiguous() and b.is_contiguous()
         d = (a.int() - b.int()).abs()
         worst, means = max(worst, int(d.max())), means + [float(d.float().mean())]
     return worst, sum(means) / len(means)
@@ -192,13 +191,13 @@ def test_fast_decode_flip_and_crop_follow_the_seed(tmp_path):
 
 def test_reduced_size_decode_keeps_the_content(tmp_path):
     # A 512x384 photo cropped to 32 px: libjpeg decodes at 1/2..1/8 scale. Not the same bits (the DCT-domain
-    # downscale replaces part of the antialiasing filter and the crop edges snap to the reduced grid), but
-    # the same picture: small mean difference on smooth content.
+    # downscale replaces part of the antialiasing filter), but the same picture: ~0.75 grey levels apart on
+    # average (a few levels at sharp edges), against 60-80 between two different crops of the same photo.
     standard, fast = pair(tmp_path, [(512, 384)] * 2, 32)
     header = data.load_encoded(standard.samples[0][0])
     assert fast.transform.transforms[0].reduction(384, 512, header) == 8
     worst, mean = diffs(standard, fast, [(e, i, 0) for e in range(4) for i in range(2)])
-    assert mean < 6, (worst, mean)
+    assert mean < 2, (worst, mean)
     no_reduce = data.FastRandomResizedCrop(32, reduced_decode=False)
     assert no_reduce.reduction(384, 512, header) == 1
 
@@ -302,11 +301,11 @@ def _have_compiler():
 
 @pytest.mark.skipif(not _have_compiler(), reason="torch.compile's CPU backend (inductor) needs a C++ compiler")
 def test_compile_gives_the_same_loss(capsys):
-    # A tiny DenseNet: compiling densenet121's graph would take minutes on a 2-core machine (the first
-    # compile here takes ~1 min cold while inductor builds its C++ kernels, seconds once they are cached).
+    # A tiny DenseNet: compiling densenet121's graph would take minutes on a 2-core machine (this one builds ~18 C++
+    # kernels with gcc: 30-90 s cold, a few seconds once inductor's cache in /tmp/torchinductor_$USER has them).
     torch.manual_seed(0)
-    eager = tiny_densenet()
-    compiled = tiny_densenet()
+    eager = densenet.DenseNet(growth_rate=4, block_config=(1,), num_init_features=8, bn_size=2, num_classes=5)
+    compiled = densenet.DenseNet(growth_rate=4, block_config=(1,), num_init_features=8, bn_size=2, num_classes=5)
     compiled.load_state_dict(eager.state_dict())
     a, _ = run_steps(eager, [])
     capsys.readouterr()

@@ -33,7 +33,7 @@ BASE = ["--model", "densenet121", *SMALL_RUN, "-b", "4", "--deterministic", "--s
         # Dropout and mixup/cutmix draw from the trainer's global RNG, so a resume must restore it exactly
         # (augmentation is seeded per sample and would not notice).
         "--drop-rate", "0.1", "--mixup-alpha", "0.2", "--cutmix-alpha", "1.0"]
-ENV = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def train(data, out, *extra, env=None, timeout=600):
@@ -87,12 +87,13 @@ def reference(data48, tmp_path_factory):
 
 def _save_forever(path, done):
     """Child: save ever newer ~6 MB states; `done` = the marker of the last save_atomic that returned."""
+    torch.set_num_threads(1)  # as DataLoader workers do after a fork
     marker = 0
     while True:
         marker += 1
         state = {"marker": marker,
                  "weights": {f"w{i}": torch.full((256, 1024), float(marker)) for i in range(6)},
-                 "tail": torch.full((1000,), float(marker))}  # written last: a cut-off file lacks it
+                 "tail": torch.full((1000,), float(marker))}  # every tensor carries the marker: no mixed saves
         utils.save_atomic(state, path)
         done.value = marker
 
@@ -208,7 +209,7 @@ def signal_after_step(proc, epoch, step, signum, whole_group=False, timeout=300)
 def test_preempted_mid_epoch_then_resume_auto_is_bit_identical(data48, reference, tmp_path, signum, workers):
     args = ["--data-path", data48, "--output-dir", str(tmp_path), *BASE, "--epochs", "2", "--workers", str(workers)]
     proc = start_main(args)
-    k = 4
+    k = 3  # mid-epoch, with 9 steps of margin for a slow reader on a loaded machine
     out, err = signal_after_step(proc, 0, k, signum, whole_group=workers > 0)
     assert proc.returncode == 75, f"exit {proc.returncode}\n{out}\n{err}"
     m = re.search(r"^Preempted by (SIG\w+) at epoch 0 step (\d+): checkpoint saved", out, re.M)
@@ -220,6 +221,12 @@ def test_preempted_mid_epoch_then_resume_auto_is_bit_identical(data48, reference
     ckpt = load(tmp_path / "checkpoint.pth")
     assert (ckpt["epoch"], ckpt["next_epoch"], ckpt["next_step"]) == (0, 0, s)
     assert not (tmp_path / "model_0.pth").exists()  # no epoch-end file for an unfinished epoch
+
+    if workers == 0:  # another batch size would skip next_step * (new batch) samples: refused, file untouched
+        before = (tmp_path / "checkpoint.pth").read_bytes()
+        other = run_main([*args, "--resume", "auto", "-b", "8"], env=ENV)
+        assert_one_line_error(other, f"saved mid-epoch (step {s}) with --batch-size 4")
+        assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
     resumed = run_main([*args, "--resume", "auto"], env=ENV)
     assert_ok(resumed)
@@ -428,24 +435,44 @@ def test_describe_mismatch_in_process():
 # 8. Bad arguments: one line on stderr, no traceback
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("extra, fragment", [
-    (["--epochs", "-1"], "--epochs"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--test-only"], "--test-only"),
-    (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth"),
-    (["--output-dir", "{file}/sub"], "--output-dir"),
-    (["--output-dir", "{file}"], "--output-dir"),
-    (["--workers", "-1"], "--workers"),
-    (["--max-bad-images", "-1"], "--max-bad-images"),
-    (["--keep-checkpoints", "0"], "--keep-checkpoints"),
-], ids=["epochs", "batch", "test-only", "resume-missing", "outdir-under-file", "outdir-is-file", "workers",
-        "max-bad-images", "keep-checkpoints"])
-def test_bad_argument_is_one_line_error(data48, tmp_path, extra, fragment):
+BAD_ARGUMENTS = {
+    "epochs": (["--epochs", "-1"], "--epochs"),
+    "batch": (["--batch-size", "0"], "--batch-size"),
+    "test-only": (["--test-only"], "--test-only"),
+    "resume-missing": (["--resume", "/nonexistent/ckpt.pth"], "/nonexistent/ckpt.pth"),
+    "outdir-under-file": (["--output-dir", "{file}/sub"], "--output-dir"),
+    "outdir-is-file": (["--output-dir", "{file}"], "--output-dir"),
+    "workers": (["--workers", "-1"], "--workers"),
+    "max-bad-images": (["--max-bad-images", "-1"], "--max-bad-images"),
+    "keep-checkpoints": (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+}
+
+
+def bad_argv(data, tmp_path, case):
     regular = tmp_path / "a_file"
     regular.write_text("x")
+    extra, fragment = BAD_ARGUMENTS[case]
     extra = [e.replace("{file}", str(regular)) for e in extra]
-    args = ["--data-path", data48, "--output-dir", str(tmp_path / "out"), *BASE, "--epochs", "1"]
-    proc = run_main([*args, *extra], env=ENV)
+    return ["--data-path", data, "--output-dir", str(tmp_path / "out"), *BASE, "--epochs", "1", *extra], fragment
+
+
+@pytest.mark.parametrize("case", sorted(BAD_ARGUMENTS))
+def test_bad_argument_is_one_line_error_in_process(data48, tmp_path, capfd, case):
+    """main.run() is what `python main.py` exits with: here without paying a process start per case."""
+    import main
+    argv, fragment = bad_argv(data48, tmp_path, case)
+    code = main.run(argv)
+    out, err = capfd.readouterr()
+    assert code == main.EXIT_USER_ERROR
+    proc = subprocess.CompletedProcess(argv, code, out, err)
+    assert_one_line_error(proc, fragment)
+    assert "Start training" not in out
+
+
+@pytest.mark.parametrize("case", ["epochs", "outdir-under-file"])
+def test_bad_argument_is_one_line_error(data48, tmp_path, case):
+    argv, fragment = bad_argv(data48, tmp_path, case)
+    proc = run_main(argv, env=ENV)
     assert_one_line_error(proc, fragment)
     assert proc.returncode == 2
 
