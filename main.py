@@ -360,6 +360,14 @@ def save_checkpoint(state, args, epoch=None, is_best=False):
     """checkpoint.pth always; model_<epoch>.pth at epoch ends; model_best.pth on a new best. Rank 0 only."""
     if not utils.is_main_process() or not args.output_dir:
         return
+    try:
+        _write_checkpoints(state, args, epoch, is_best)
+    except OSError as e:  # e.g. a full disk: the previous files are intact (atomic writes), say so in one line
+        raise UserError(f"could not write a checkpoint to {args.output_dir}: {e.strerror or e}; the previous "
+                        f"checkpoint is intact")
+
+
+def _write_checkpoints(state, args, epoch, is_best):
     utils.save_atomic(state, os.path.join(args.output_dir, "checkpoint.pth"))
     if epoch is not None:
         utils.save_atomic(state, os.path.join(args.output_dir, f"model_{epoch}.pth"))
@@ -512,6 +520,8 @@ def main(args):
 
     # -- train ---------------------------------------------------------------
     history, best_epoch = [], None
+    if utils.is_main_process():
+        utils.remove_stale_temp_files(args.output_dir)
     if not resume_path and utils.is_main_process() and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
         os.remove(os.path.join(args.output_dir, "metrics.jsonl"))  # a fresh run starts a fresh curve
     log(f"Start training: epochs {start_epoch}..{args.epochs - 1}, lr {args.lr} ({args.lr_scheduler})")
@@ -545,6 +555,10 @@ def main(args):
         if tensorboard:
             tensorboard.log(history[-1])
         epochs_left = args.epochs - epoch - 1
+        if epochs_left and stop.should_stop():  # signalled during evaluation: the epoch is saved, stop here
+            log(f"Preempted by {stop.signal_name or 'a signal'} after epoch {epoch}: checkpoint saved; "
+                f"resume with --resume auto")
+            return EXIT_PREEMPTED
         if epochs_left:
             per_epoch = (time.time() - run_start) / len(history)  # training and evaluation
             log(f"Epoch: [{epoch}] run eta: {utils.format_eta(per_epoch * epochs_left)} "

@@ -208,6 +208,18 @@ def set_rng_state(state, device):
 # Checkpoints
 # ----------------------------------------------------------------------------
 
+def remove_stale_temp_files(folder):
+    """Delete temporary checkpoint files left by a process killed mid-write (they are never valid checkpoints)."""
+    if not folder or not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith(".") and name.endswith(".tmp") and ".pth." in name:
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+
+
 def save_atomic(obj, path):
     """torch.save that never leaves a half-written file at `path`.
 
