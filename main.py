@@ -13,7 +13,9 @@ import os
 import signal
 import sys
 import time
+import traceback
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,7 +25,6 @@ import data as data_lib
 import densenet
 import recipe
 import utils
-from dataclasses import dataclass
 from device import DeviceError, build_mixed_precision, build_sgd, resolve_device
 from utils import UserError, log
 
@@ -762,9 +763,16 @@ def run(argv=None):
     except NumericalError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         code = EXIT_NUMERICAL_ERROR
+    except Exception:
+        if not utils.is_dist():
+            raise  # a bug or an unexpected failure: keep the full traceback
+        traceback.print_exc()
+        code = 1
     finally:
         if utils.is_dist():
-            if code:  # a failing rank must not leave its peers waiting in a collective
+            if code:  # a failing rank must not leave its peers waiting in a collective: torchrun stops them
+                sys.stdout.flush()
+                sys.stderr.flush()
                 os._exit(code)
             utils.cleanup_distributed()
     return code

@@ -6,7 +6,8 @@ What is checked, and against what:
   * validation is exact: 101 images evaluated by 1, 2 and 3 processes give the same Acc@1/Acc@5, which
     are the ones computed here image by image;
   * test/train_full_8p.sh with RANK_SIZE=2, and as two "nodes" on loopback;
-  * a failing rank ends the whole job promptly; launch mistakes are one-line errors.
+  * a failing rank ends the whole job promptly; a rank left with an all-unreadable batch skips the step
+    together with the others instead of hanging; launch mistakes are one-line errors.
 
 Every test uses its own MASTER_PORT (a free one from the OS), so they never collide with each other or with
 other jobs on the machine. Each process uses one thread (OMP_NUM_THREADS=1): the ranks share 2 cores.
