@@ -102,6 +102,20 @@ def time_windows(step, images_per_step, device, warmup, steps, windows):
     return rates
 
 
+def interleaved(configs, device, warmup, steps, windows):
+    """Time several configurations fairly on a machine whose load drifts: warm every one up, then run their
+    windows round-robin (A B C A B C ...), so a burst of outside load hits all of them alike.
+    configs: [(label, step, images_per_step)]; returns {label: [img/s per window]}."""
+    for _, step, _ in configs:
+        for _ in range(warmup):
+            step()
+    rates = {label: [] for label, _, _ in configs}
+    for _ in range(windows):
+        for label, step, images in configs:
+            rates[label] += time_windows(step, images, device, 0, steps, 1)
+    return rates
+
+
 def fmt_rates(rates):
     return f"{statistics.median(rates):8.2f} img/s   (windows: {', '.join(f'{r:.2f}' for r in rates)})"
 
@@ -206,15 +220,12 @@ def section_compute(args, device):
     out(f"== compute: {args.model} {args.image_size}x{args.image_size}, batch {args.batch_size}, synthetic, "
         f"{device.describe()} ==")
     batch = synthetic_batch(args.batch_size, args.image_size, seed=args.seed)
-    results = {}
+    configs = []
     if not args.no_reference:
         x = data_lib.DeviceNormalize(device.torch_device, False)(batch.images)  # same pixels, float NCHW
         step = reference_step_fn(device, args.model, args.batch_size, images=x,
                                  targets=batch.targets.to(device.torch_device))
-        results["reference"] = time_windows(step, args.batch_size, device, args.warmup, args.steps, args.windows)
-        label = f"reference (torchvision {args.model}, fp32, NCHW, eager)"
-        out(f"  {label:<59} {fmt_rates(results['reference'])}")
-        del step
+        configs.append((f"reference (torchvision {args.model}, fp32, NCHW, eager)", step, args.batch_size))
     variants = [("ours, fp32 NCHW (same math as reference)", dict(amp=False, channels_last=False)),
                 ("ours, fp32 channels_last", dict(amp=False))] if not args.no_reference else []
     variants.append(("ours (default: {})", {}))
@@ -230,15 +241,14 @@ def section_compute(args, device):
             step()
             device.synchronize()
             out(f"  (torch.compile: first step took {time.perf_counter() - start:.1f} s, excluded)")
-        rates = time_windows(step, args.batch_size, device, args.warmup, args.steps, args.windows)
-        results[label] = rates
+        configs.append((label, step, args.batch_size))
+    results = interleaved(configs, device, args.warmup, args.steps, args.windows)
+    for label, rates in results.items():
         out(f"  {label:<59} {fmt_rates(rates)}")
-        del ours, step
-    if "reference" in results:
-        ref = statistics.median(results["reference"])
-        for label, rates in results.items():
-            if label != "reference":
-                out(f"  speed-up {label:<50} {statistics.median(rates) / ref:6.2f}x")
+    if not args.no_reference:
+        ref = statistics.median(results[configs[0][0]])
+        for label, rates in list(results.items())[1:]:
+            out(f"  speed-up {label:<50} {statistics.median(rates) / ref:6.2f}x")
     return results
 
 
@@ -247,7 +257,11 @@ def make_imagenet_like_jpegs(root, count, seed=0):
     scikit-learn's two real sample photos with random crops, flips and resizes."""
     import numpy as np
     from PIL import Image
-    from sklearn.datasets import load_sample_images
+    try:
+        from sklearn.datasets import load_sample_images
+    except ImportError:
+        sys.exit("benchmark.py: generating test JPEGs needs scikit-learn (its two sample photos): "
+                 "pip install scikit-learn, or pass --data-dir FOLDER_OF_CLASS_FOLDERS")
     photos = [Image.fromarray(a) for a in load_sample_images().images]
     rng = np.random.default_rng(seed)
     sizes = [(500, 375), (500, 375), (500, 375), (500, 333), (375, 500), (500, 400), (333, 500), (500, 500)]
@@ -327,8 +341,8 @@ def section_pipeline(args, root):
 
 def reduced_decode_note(args, root):
     """How often RandomResizedCrop leaves room for libjpeg's 1/2-1/8 decoding, and what it buys."""
-    from PIL import Image
     import io
+    from PIL import Image
     crop = data_lib.FastRandomResizedCrop(args.image_size)
     rows = []
     header = type("Header", (), {"format": "JPEG", "mode": "RGB"})()
@@ -344,7 +358,7 @@ def reduced_decode_note(args, root):
                 hits += crop.reduction(ch, cw, header) > 1
         rows.append(f"{out_size}px: {100 * hits / 2000:.1f}%")
     out(f"  reduced-size JPEG decoding applies to this share of crops of a 500x375 image: {', '.join(rows)}")
-    # decode cost at full vs 1/2 scale on the same files
+    # decode cost at full vs reduced scale on the same files
     files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs][:50]
     blobs = [open(f, "rb").read() for f in files]
 
@@ -355,12 +369,34 @@ def reduced_decode_note(args, root):
                     img.draft("RGB", (img.size[0] // scale, img.size[1] // scale))
                 img.load()
     cost = {}
-    for scale in (1, 2, 4):
-        decode(scale)
-        start = time.perf_counter()
-        decode(scale)
-        cost[scale] = (time.perf_counter() - start) / len(blobs) * 1e3
+    with torch_threads(1):
+        for scale in (1, 2, 4):
+            decode(scale)
+            start = time.perf_counter()
+            decode(scale)
+            cost[scale] = (time.perf_counter() - start) / len(blobs) * 1e3
     out(f"  PIL decode per file: full {cost[1]:.2f} ms, 1/2 scale {cost[2]:.2f} ms, 1/4 scale {cost[4]:.2f} ms")
+    # where it does apply: big photos (1600x1200, as from a phone or OpenImages), same crops
+    with tempfile.TemporaryDirectory(prefix="benchmark_big_") as big:
+        from sklearn.datasets import load_sample_images
+        os.makedirs(os.path.join(big, "c"))
+        for k, a in enumerate(load_sample_images().images * 10):
+            Image.fromarray(a).transpose(Image.FLIP_LEFT_RIGHT if k % 4 >= 2 else Image.NONE).resize(
+                (1600, 1200), Image.BICUBIC).save(os.path.join(big, "c", f"{k}.jpg"), quality=90)
+        rates = {}
+        for reduce in (False, True):
+            tf = data_lib.train_transform(args.image_size, fast_decode=True)
+            tf.transforms[0].reduced_decode = reduce
+            ds = data_lib.ImageFolderDataset(big, tf, args.seed)
+            with torch_threads(1):
+                passes = [ds[(e, i, 0)] for e in range(1) for i in range(len(ds))]  # warm
+                start = time.perf_counter()
+                for e in range(1, 3):
+                    passes = [ds[(e, i, 0)] for i in range(len(ds))]
+                rates[reduce] = 2 * len(ds) / (time.perf_counter() - start)
+        del passes
+    out(f"  1600x1200 photos, {args.image_size} crops, fast path: reduced decode off {rates[False]:.1f} img/s, "
+        f"on {rates[True]:.1f} img/s ({rates[True] / rates[False]:.2f}x)")
 
 
 def infinite_batches(loader):
@@ -396,7 +432,10 @@ def section_e2e(args, device, root):
     sampler = data_lib.ResumableDistributedSampler(len(train), 1, 0, args.seed)
     loader = data_lib.make_loader(train, sampler, args.batch_size, workers, pin, args.seed, drop_last=True)
     step = ours.step_fn(loader=Forever(loader))
-    rates = time_windows(step, args.batch_size, device, args.warmup, args.steps, args.windows)
+    # Not interleaved with the synthetic windows: the worker would refill its prefetch queue meanwhile and
+    # hide a data bottleneck. Warm up past the queue's depth instead, so the windows see the steady state.
+    rates = time_windows(step, args.batch_size, device, max(args.warmup, 4 * workers + 1), args.steps,
+                         args.windows)
     results["ours real"] = rates
     out(f"  {'ours, real JPEGs (fast decode)':<52} {fmt_rates(rates)}")
     del step, loader, ours
@@ -406,7 +445,8 @@ def section_e2e(args, device, root):
                                                  num_workers=workers, pin_memory=pin, drop_last=True,
                                                  persistent_workers=workers > 0)
         step = reference_step_fn(device, args.model, args.batch_size, loader=Forever(ref_loader))
-        rates = time_windows(step, args.batch_size, device, args.warmup, args.steps, args.windows)
+        rates = time_windows(step, args.batch_size, device, max(args.warmup, 2 * workers + 1), args.steps,
+                             args.windows)
         results["reference real"] = rates
         out(f"  {'reference loop, real JPEGs (torchvision pipeline)':<52} {fmt_rates(rates)}")
         del step, ref_loader

@@ -222,8 +222,8 @@ def eval_transform(resize_size, crop_size, interpolation="bilinear"):
 # by libjpeg-turbo straight into a uint8 tensor (torchvision.io.decode_jpeg: identical pixels to PIL,
 # ~1.5x faster) and cropped/resized by torch's vectorised uint8 antialiased resize (~2x faster than
 # PIL's; within 2 grey levels of PIL's, mean difference ~0.02). When the crop is at least 2x the output
-# size, libjpeg decodes at 1/2, 1/4 or 1/8 scale (PIL's draft): a large win on big photos, never
-# used for ImageNet-sized (~500x375) images at 224. PNG, CMYK and other files take the PIL path.
+# size, libjpeg decodes at 1/2, 1/4 or 1/8 scale (PIL's draft): it pays on big photos (benchmark.py
+# measures it), but never applies to ImageNet-sized (~500x375) images at 224. PNG, CMYK, ... take the PIL path.
 # ----------------------------------------------------------------------------
 
 FAST_DECODE_INTERPOLATIONS = ("bilinear",)
@@ -324,7 +324,7 @@ class FastRandomResizedCrop:
             if isinstance(image, Image.Image):
                 pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
             elif (r == 1 and _decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L")
-                  and image.data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9")):  # no end marker: let PIL judge
+                  and image.data.rfind(b"\xff\xd9", len(image.data) - 64) >= 0):  # no end marker: let PIL judge
                 pixels = _decode_jpeg(torch.frombuffer(image.data, dtype=torch.uint8), mode=_ImageReadMode.RGB)
             elif r > 1:  # decode at 1/r scale (pixel k covers original pixels [k*r, (k+1)*r)), resize the box
                 import io

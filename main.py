@@ -389,6 +389,7 @@ def _write_checkpoints(state, args, epoch, is_best):
 def main(args):
     validate_args(args)
     device = setup_process(args)
+    amp = build_mixed_precision(args, device)  # before any data is read: a missing apex fails fast
     stop = StopSignal()
     if utils.is_dist():
         stop.control_group = dist.new_group(backend="gloo")
@@ -444,7 +445,6 @@ def main(args):
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    amp = build_mixed_precision(args, device)
     optimizer = build_sgd(param_groups(model, args.weight_decay, args.norm_weight_decay), args.lr,
                           args.momentum, device, use_apex=amp.backend == "apex")
     model, optimizer = amp.initialize(model, optimizer)

@@ -32,6 +32,18 @@ def write_image_folder(root, classes=3, train_per_class=8, val_per_class=4, size
     return str(root)
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """For in-process tests on tiny inputs: intra-op threads buy nothing there, and on a small shared machine
+    OpenMP threads spin-waiting on a busy core made torch ops ~70x slower. Restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return write_image_folder(tmp_path / "data")

@@ -26,13 +26,7 @@ from device import Device, DeviceError, MixedPrecision, build_mixed_precision, b
 CPU = Device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny inputs: intra-op threads buy nothing and spin against other jobs on a small machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(num_classes=3, seed=0):

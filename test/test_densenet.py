@@ -17,15 +17,7 @@ from densenet import DenseNet, build_model, convert_legacy_keys  # noqa: E402
 BUILDERS = ["densenet121", "densenet161", "densenet169", "densenet201"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These inputs are tiny, so intra-op threading buys nothing, while on a small
-    # shared machine (another job busy on a core) OpenMP threads spin-waiting on
-    # each other made the torchvision comparison ~70x slower. Restored afterwards.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def tiny(**kwargs):

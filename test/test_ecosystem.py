@@ -39,12 +39,7 @@ METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc1", "train_acc5", "fps", "
                "unreadable_images", "val_acc1", "val_acc5", "val_loss", "val_images", "val_time"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def run_tool(script, args, timeout=600):
