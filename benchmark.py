@@ -1,6 +1,6 @@
 """Throughput benchmark: the plain reference loop against this repo's defaults, in one process, same inputs.
 
-    python benchmark.py                                     # every section (about 10-15 min on 2 CPU cores)
+    python benchmark.py                                     # every section (~8 min on 2 CPU cores)
     python benchmark.py --sections compute                  # DenseNet-201 224 batch 16, synthetic
     python benchmark.py --sections pipeline,e2e --data-dir /data/imagenet/train
     python benchmark.py --sections scaling --scaling-batches 8,16 --scaling-sizes 160,224 --scaling-procs 1,2
@@ -54,15 +54,15 @@ def get_args(argv=None):
     a("--model", default="densenet201", choices=sorted(densenet.MODELS))
     a("-b", "--batch-size", type=int, default=16)
     a("--image-size", type=int, default=224)
-    a("--steps", type=int, default=3, help="training steps per timed window")
+    a("--steps", type=int, default=2, help="training steps per timed window")
     a("--windows", type=int, default=3, help="timed windows; the median is reported")
-    a("--warmup", type=int, default=2, help="untimed steps before the windows (compilation, allocator, caches)")
+    a("--warmup", type=int, default=1, help="untimed steps before the windows (allocator, oneDNN/cuDNN caches)")
     a("--compile", action="store_true", help="also time ours + torch.compile (compute section)")
     a("--no-reference", action="store_true", help="skip the reference loop in compute/e2e (it is the slow one)")
-    a("--images", type=int, default=200, help="JPEGs to generate for pipeline/e2e")
+    a("--images", type=int, default=200, help="JPEGs to generate for pipeline/e2e (pipeline: files per pass)")
     a("--data-dir", default=None, help="use this class-folder tree of real images instead of generating")
     a("--workers", type=int, default=None, help="e2e DataLoader workers (default: data.default_workers(1))")
-    a("--pipeline-passes", type=int, default=3, help="timed passes over the images in the pipeline section")
+    a("--pipeline-passes", type=int, default=5, help="timed passes over the images in the pipeline section")
     a("--scaling-batches", default="8,16,32")
     a("--scaling-sizes", default="112,160,224")
     a("--scaling-procs", default="1,2")
@@ -309,12 +309,13 @@ def section_pipeline(args, root):
     ref = reference_pipeline_dataset(root, args.image_size)
     fast = data_lib.ImageFolderDataset(root, data_lib.train_transform(args.image_size, fast_decode=True), args.seed)
     pil = data_lib.ImageFolderDataset(root, data_lib.train_transform(args.image_size), args.seed)
-    n, bs = len(ref), args.batch_size
+    n, bs = min(len(ref), args.images), args.batch_size  # a pass: the first --images files
 
     def one_pass(ds, collate, post=None, epoch=0):
         def run():
             for s in range(0, n, bs):
-                keys = [(epoch, i, 0) for i in range(s, min(s + bs, n))] if ds is not ref else range(s, min(s + bs, n))
+                indices = range(s, min(s + bs, n))
+                keys = indices if ds is ref else [(epoch, i, 0) for i in indices]
                 batch = collate([ds[k] for k in keys])
                 if post:
                     post(batch)
@@ -325,13 +326,11 @@ def section_pipeline(args, root):
                ("ours default (fast decode, uint8, + normalise)", fast, data_lib.collate_skip_bad,
                 lambda b: normalize(b.images)),
                ("ours default, workers' share only (no normalise)", fast, data_lib.collate_skip_bad, None)]
-    results = {}
-    with torch_threads(1):
-        for label, ds, collate, post in configs:
-            one_pass(ds, collate, post)()  # warm the page cache and the allocator
-            rates = time_windows(one_pass(ds, collate, post), n, cpu, 0, 1, args.pipeline_passes)
-            results[label] = rates
-            out(f"  {label:<52} {fmt_rates(rates)}")
+    with torch_threads(1):  # one warm-up pass each (page cache, allocator), then the passes round-robin
+        results = interleaved([(label, one_pass(ds, collate, post), n) for label, ds, collate, post in configs],
+                              cpu, 1, 1, args.pipeline_passes)
+    for label, rates in results.items():
+        out(f"  {label:<52} {fmt_rates(rates)}")
     ref_rate = statistics.median(results[configs[0][0]])
     for label, rates in list(results.items())[1:]:
         out(f"  vs reference: {label:<46} {statistics.median(rates) / ref_rate:6.2f}x")
@@ -424,10 +423,10 @@ def section_e2e(args, device, root):
     results = {}
     ours = Ours(device, args.model, args.batch_size, seed=args.seed)
     ours.finish_setup()
-    rates = time_windows(ours.step_fn(synthetic_batch(args.batch_size, args.image_size, seed=args.seed)),
-                         args.batch_size, device, args.warmup, args.steps, args.windows)
-    results["ours synthetic"] = rates
-    out(f"  {'ours, synthetic data':<52} {fmt_rates(rates)}")
+    synthetic_step = ours.step_fn(synthetic_batch(args.batch_size, args.image_size, seed=args.seed))
+    # Synthetic windows before and after the real-data ones, so a drift in outside load shows in both.
+    results["ours synthetic"] = time_windows(synthetic_step, args.batch_size, device, args.warmup, args.steps,
+                                             args.windows)
     train = data_lib.ImageFolderDataset(root, data_lib.train_transform(args.image_size, fast_decode=True), args.seed)
     sampler = data_lib.ResumableDistributedSampler(len(train), 1, 0, args.seed)
     loader = data_lib.make_loader(train, sampler, args.batch_size, workers, pin, args.seed, drop_last=True)
@@ -437,8 +436,11 @@ def section_e2e(args, device, root):
     rates = time_windows(step, args.batch_size, device, max(args.warmup, 4 * workers + 1), args.steps,
                          args.windows)
     results["ours real"] = rates
+    del step, loader
+    results["ours synthetic"] += time_windows(synthetic_step, args.batch_size, device, 0, args.steps, args.windows)
+    out(f"  {'ours, synthetic data (windows before + after)':<52} {fmt_rates(results['ours synthetic'])}")
     out(f"  {'ours, real JPEGs (fast decode)':<52} {fmt_rates(rates)}")
-    del step, loader, ours
+    del synthetic_step, ours
     if not args.no_reference:
         ref_set = reference_pipeline_dataset(root, args.image_size)
         ref_loader = torch.utils.data.DataLoader(ref_set, batch_size=args.batch_size, shuffle=True,
@@ -496,22 +498,20 @@ def free_port():
 def section_scaling(args, device):
     out(f"== scaling: ours, {args.model}, synthetic, {device.describe()} ==")
     results = {}
-    out(f"  batch size (at {args.image_size}px):")
-    for b in ints(args.scaling_batches):
-        ours = Ours(device, args.model, b, seed=args.seed)
-        rates = time_windows(ours.step_fn(synthetic_batch(b, args.image_size, seed=args.seed)), b, device,
-                             args.warmup, args.steps, args.windows)
-        results[("batch", b)] = rates
-        out(f"    batch {b:<4} {fmt_rates(rates)}")
-        del ours
-    out(f"  resolution (batch {args.batch_size}):")
-    for s in ints(args.scaling_sizes):
-        ours = Ours(device, args.model, args.batch_size, seed=args.seed)
-        rates = time_windows(ours.step_fn(synthetic_batch(args.batch_size, s, seed=args.seed)), args.batch_size,
-                             device, args.warmup, args.steps, args.windows)
-        results[("size", s)] = rates
-        out(f"    {s}px    {fmt_rates(rates)}")
-        del ours
+    groups = [(f"batch size (at {args.image_size}px)", [(f"batch {b:<4}", b, args.image_size)
+                                                         for b in ints(args.scaling_batches)]),
+              (f"resolution (batch {args.batch_size})", [(f"{r}px    ", args.batch_size, r)
+                                                       for r in ints(args.scaling_sizes)])]
+    for title, cases in groups:
+        out(f"  {title}:")
+        configs = []
+        for label, b, size in cases:
+            ours = Ours(device, args.model, b, seed=args.seed)
+            configs.append((label, ours.step_fn(synthetic_batch(b, size, seed=args.seed)), b))
+        for label, rates in interleaved(configs, device, args.warmup, args.steps, args.windows).items():
+            results[(title, label)] = rates
+            out(f"    {label} {fmt_rates(rates)}")
+        del configs, ours
     out(f"  processes (global batch {args.batch_size}, {args.image_size}px; DDP, {device.dist_backend}; "
         f"CPU threads split between processes):")
     import torch.multiprocessing as mp

@@ -35,8 +35,9 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RA
 SEED = 1234
 LR = 0.01
 CLASSES = [f"class_{c}" for c in range(6)]  # 6 classes, so Acc@5 is not trivially 100
-# Deterministic training crops: 32x32 images, the whole image (--crop-scale 1 1), no flips.
-TRAIN = ["--model", "densenet121", *SMALL_RUN, "--crop-scale", "1", "1", "--hflip-prob", "0",
+# Deterministic training crops: 32x32 images, the whole image (--crop-scale 1 1), no flips; and the same
+# decoder as reference_sgd's torchvision pipeline (--no-fast-decode), so only the data parallelism differs.
+TRAIN = ["--model", "densenet121", *SMALL_RUN, "--crop-scale", "1", "1", "--hflip-prob", "0", "--no-fast-decode",
          "--lr", str(LR), "--lr-scheduler", "step", "--seed", str(SEED), "--epochs", "1"]
 ACC = re.compile(r" \* Acc@1 (\S+) Acc@5 (\S+) \((\d+) images\)")
 

@@ -25,6 +25,8 @@ import densenet  # noqa: E402
 import main  # noqa: E402
 from device import build_mixed_precision, build_sgd, resolve_device  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_one_thread")  # in-process steps on tiny inputs: one thread
+
 ENV = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 TINY = ["--model", "densenet121", *SMALL_RUN, "--batch-size", "4"]
 NUM = r"(\d+(?:\.\d+)?)"
