@@ -464,7 +464,7 @@ def _scaling_worker(rank, world, port, args, result_path):
                       LOCAL_RANK=str(rank))
     device = resolve_device(args.device, rank)
     if device.type == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+        torch.set_num_threads(max(1, args.parent_threads // world))  # the same cores, split between ranks
     import torch.distributed as dist
     dist.init_process_group(device.dist_backend, rank=rank, world_size=world)
     local = args.batch_size // world
@@ -515,6 +515,7 @@ def section_scaling(args, device):
     out(f"  processes (global batch {args.batch_size}, {args.image_size}px; DDP, {device.dist_backend}; "
         f"CPU threads split between processes):")
     import torch.multiprocessing as mp
+    args.parent_threads = torch.get_num_threads()
     for world in ints(args.scaling_procs):
         if args.batch_size % world:
             out(f"    {world} processes: skipped (batch {args.batch_size} does not divide)")
