@@ -387,6 +387,9 @@ def _write_checkpoints(state, args, epoch, is_best):
 # ----------------------------------------------------------------------------
 
 def main(args):
+    if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        # torchrun --max-restarts restarted this job after a failure: continue from the last checkpoint.
+        args.resume = "auto"
     validate_args(args)
     device = setup_process(args)
     amp = build_mixed_precision(args, device)  # before any data is read: a missing apex fails fast

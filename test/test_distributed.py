@@ -39,6 +39,8 @@ CLASSES = [f"class_{c}" for c in range(6)]  # 6 classes, so Acc@5 is not trivial
 # decoder as reference_sgd's torchvision pipeline (--no-fast-decode), so only the data parallelism differs.
 TRAIN = ["--model", "densenet121", *SMALL_RUN, "--crop-scale", "1", "1", "--hflip-prob", "0", "--no-fast-decode",
          "--lr", str(LR), "--lr-scheduler", "step", "--seed", str(SEED), "--epochs", "1"]
+# The in-process reference computations must use the same reduction order as the 1-thread ranks.
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 ACC = re.compile(r" \* Acc@1 (\S+) Acc@5 (\S+) \((\d+) images\)")
 
 
