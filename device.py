@@ -12,7 +12,6 @@ like "cuda" and the same calls drive both.
 import contextlib
 import importlib
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -327,7 +326,3 @@ def build_sgd(param_groups, lr, momentum, device, use_apex=False):
     if device.type == "cuda":
         return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, fused=True)
     return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, foreach=True)
-
-
-def local_rank_from_env():
-    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK_ID", 0)))

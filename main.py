@@ -480,8 +480,7 @@ def main(args):
         log(f"--resume auto: no checkpoint in {args.output_dir}, starting fresh")
     rng_to_restore = None
     if resume_path:
-        ckpt = utils.load_safe(resume_path)
-        state_dict = densenet.convert_legacy_keys(utils.extract_state_dict(ckpt))
+        state_dict, ckpt = utils.read_weights(resume_path)
         mismatch = utils.describe_mismatch(model_without_ddp, state_dict)
         if mismatch:
             raise UserError(f"{resume_path} does not match --model {args.model} with {num_classes} classes: {mismatch}")

@@ -4,7 +4,6 @@ import io
 import os
 import pickle
 import random
-import socket
 import sys
 import tempfile
 import time
@@ -81,42 +80,9 @@ def all_reduce_sum(values, device):
     return t.tolist()
 
 
-def port_is_free(port, host="127.0.0.1"):
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
-
-
 # ----------------------------------------------------------------------------
 # Metrics and logging
 # ----------------------------------------------------------------------------
-
-class AverageMeter:
-    """Running average of a scalar, fed lazily: values may stay device tensors until read."""
-
-    def __init__(self, fmt="{avg:.4f}"):
-        self.fmt = fmt
-        self.total = 0.0
-        self.count = 0
-        self.last = 0.0
-
-    def update(self, value, n=1):
-        value = float(value)
-        self.last = value
-        self.total += value * n
-        self.count += n
-
-    @property
-    def avg(self):
-        return self.total / max(self.count, 1)
-
-    def __str__(self):
-        return self.fmt.format(avg=self.avg, last=self.last)
-
 
 def accuracy_counts(output, target, topk=(1, 5)):
     """Number of correct top-k predictions for each k, as a device tensor (no host sync)."""
