@@ -162,8 +162,9 @@ def validate_args(args):
     for failed, message in checks:
         if failed:
             raise UserError(message)
-    if args.resume and args.resume != "auto" and not os.path.isfile(args.resume):
-        raise UserError(f"--resume {args.resume}: no such file")
+    launcher_rank = (utils.launcher_env() or (0,))[0]
+    if args.resume and args.resume != "auto" and launcher_rank == 0 and not os.path.isfile(args.resume):
+        raise UserError(f"--resume {args.resume}: no such file")  # only rank 0 reads it (and sends it on)
     if args.pretrained_weight_path and not os.path.isfile(args.pretrained_weight_path):
         raise UserError(f"--pretrained_weight_path {args.pretrained_weight_path}: no such file")
     if args.tensorboard:
@@ -300,7 +301,6 @@ class StopSignal:
     def __init__(self):
         self.requested = False
         self.signal_name = None
-        self.control_group = None  # gloo group: agreeing to stop costs no device sync
         signal.signal(signal.SIGTERM, self._handle)
         signal.signal(signal.SIGINT, self._handle)
 
@@ -310,11 +310,7 @@ class StopSignal:
 
     def should_stop(self):
         """True on every rank as soon as any rank was signalled."""
-        if not utils.is_dist():
-            return self.requested
-        flag = torch.tensor([1 if self.requested else 0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.control_group)
-        return bool(flag.item())
+        return utils.any_rank(self.requested)
 
 
 # ----------------------------------------------------------------------------
@@ -336,7 +332,8 @@ class Trainer:
 
 
 def checkpoint_state(t, args, next_epoch, next_step, best_acc1, classes):
-    """Everything a resumed run needs, as tensors and plain data only (loadable with weights_only=True)."""
+    """Everything a resumed run needs, as tensors and plain data only (loadable with weights_only=True).
+    Called on every rank (the RNG states are gathered); only rank 0's result is written."""
     state = {
         "model": t.model_without_ddp.state_dict(),
         "optimizer": t.optimizer.state_dict(),
@@ -349,7 +346,7 @@ def checkpoint_state(t, args, next_epoch, next_step, best_acc1, classes):
         "classes": list(classes),
         "args": utils.args_to_dict(args),
         "world_size": utils.get_world_size(),
-        "rng": utils.rng_state(t.device),
+        "rng": utils.gather_to_main(utils.rng_state(t.device)),  # one per rank: rank r resumes rng[r]
     }
     if t.ema is not None:
         state["model_ema"] = t.ema.state_dict()
@@ -382,6 +379,26 @@ def _write_checkpoints(state, args, epoch, is_best):
         utils.save_atomic(best, os.path.join(args.output_dir, "model_best.pth"))
 
 
+def read_resume_checkpoint(args):
+    """(path, state_dict, checkpoint) to resume from, or (None, None, None).
+
+    Rank 0 finds (--resume auto) and reads the checkpoint and sends it to the other ranks: only rank 0
+    writes checkpoints, and on other machines the ranks may not see its output folder at all. A file that
+    cannot be read is the same one-line error on every rank."""
+    found, error = (None, None, None), None
+    if utils.is_main_process() and args.resume:
+        try:
+            path = utils.find_latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+            if path:
+                found = (path, *utils.read_weights(path))
+        except UserError as e:
+            error = str(e)
+    found, error = utils.broadcast_from_main((found, error))
+    if error:
+        raise UserError(error)
+    return found
+
+
 # ----------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------
@@ -394,8 +411,6 @@ def main(args):
     device = setup_process(args)
     amp = build_mixed_precision(args, device)  # before any data is read: a missing apex fails fast
     stop = StopSignal()
-    if utils.is_dist():
-        stop.control_group = dist.new_group(backend="gloo")
     if args.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -473,14 +488,13 @@ def main(args):
 
     # -- resume --------------------------------------------------------------
     start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
-    resume_path = utils.find_latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+    resume_path, state_dict, ckpt = read_resume_checkpoint(args)
     if args.resume == "auto" and not resume_path:
         if args.test_only and not args.pretrained:
             raise UserError(f"--test-only --resume auto: no checkpoint in {args.output_dir} to evaluate")
         log(f"--resume auto: no checkpoint in {args.output_dir}, starting fresh")
     rng_to_restore = None
     if resume_path:
-        state_dict, ckpt = utils.read_weights(resume_path)
         mismatch = utils.describe_mismatch(model_without_ddp, state_dict)
         if mismatch:
             raise UserError(f"{resume_path} does not match --model {args.model} with {num_classes} classes: {mismatch}")
@@ -494,8 +508,9 @@ def main(args):
             start_epoch = ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1)
             start_step = ckpt.get("next_step", 0)
             best_acc1 = ckpt.get("best_acc1", 0.0)
-            if ckpt.get("world_size", world) == world:
-                rng_to_restore = ckpt.get("rng")
+            if ckpt.get("world_size", world) == world and ckpt.get("rng"):
+                rng = ckpt["rng"]
+                rng_to_restore = rng[args.rank] if isinstance(rng, list) else rng  # a dict: 1-rank, older runs
             elif start_step:
                 raise UserError(f"{resume_path} was saved mid-epoch by {ckpt['world_size']} ranks; resume it with "
                                 f"the same number of ranks (or from an epoch-end model_<epoch>.pth)")
@@ -607,12 +622,10 @@ def train_one_epoch(t, loader, epoch, start_step, args, stop):
         if batch.bad:
             report_bad_files(batch.bad, bad_files, args)
         n = len(batch.targets)
-        if utils.is_dist():
+        if utils.is_dist() and utils.any_rank(n == 0):
             # DDP's gradient all-reduce pairs up across ranks: if a rank's whole local batch was unreadable,
             # all ranks skip the step together (else they fall out of step and hang until --dist-timeout).
-            empty = torch.tensor([0 if n else 1])
-            dist.all_reduce(empty, op=dist.ReduceOp.MAX, group=stop.control_group)
-            n = 0 if empty.item() else n
+            n = 0
         if n:
             images = t.normalize(batch.images)
             targets = batch.targets.to(dev, non_blocking=True)

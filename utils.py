@@ -22,6 +22,11 @@ class UserError(RuntimeError):
 # Distributed
 # ----------------------------------------------------------------------------
 
+# Small host-side messages (stop requests, skipped steps, resume state, RNG states) go over a gloo group of
+# their own: on GPU/NPU they then cost no device synchronisation and never queue behind DDP's all-reduces.
+_control_group = None
+
+
 def is_dist():
     return dist.is_available() and dist.is_initialized()
 
@@ -55,21 +60,72 @@ def init_distributed(args, device):
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = args.dist_backend or device.dist_backend
+    timeout = datetime.timedelta(seconds=args.dist_timeout)
     init_kwargs = {}
     if device.is_accelerator and backend in ("nccl", "hccl"):
         init_kwargs["device_id"] = device.torch_device  # binds the communicator eagerly to our device
     try:
-        dist.init_process_group(backend=backend, init_method=args.dist_url, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=args.dist_timeout), **init_kwargs)
+        if args.dist_url == "env://" and "TORCHELASTIC_RESTART_COUNT" in os.environ:  # under torchrun
+            init_kwargs["store"] = elastic_attempt_store(rank, world_size, timeout)
+        else:
+            init_kwargs["init_method"] = args.dist_url
+        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **init_kwargs)
+        global _control_group
+        _control_group = dist.new_group(backend="gloo")
     except Exception as e:
         raise UserError(f"could not join the process group ({backend}, {args.dist_url}, rank {rank}/{world_size}): "
                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
     return backend
 
 
+def elastic_attempt_store(rank, world_size, timeout):
+    """The rendezvous store for this torchrun attempt, with its own key namespace.
+
+    torchrun's static rendezvous (--master_addr/--master_port) keeps one TCPStore for the whole job. After
+    a --max-restarts restart, the keys that init_process_group wrote in the failed attempt (each rank's
+    address, barrier counters) are still there: the new ranks would read a dead peer's address and fail to
+    connect, or pass a barrier early. Prefixing the keys with the attempt number gives every attempt a clean
+    store, whichever rendezvous torchrun used."""
+    env = os.environ
+    host, port = env["MASTER_ADDR"], int(env["MASTER_PORT"])
+    agent_hosts_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves it
+    store = dist.TCPStore(host, port, world_size, is_master=not agent_hosts_store and rank == 0,
+                          timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"/attempt_{env['TORCHELASTIC_RESTART_COUNT']}/", store)
+
+
 def cleanup_distributed():
+    global _control_group
     if is_dist():
         dist.destroy_process_group()
+    _control_group = None
+
+
+def any_rank(flag):
+    """True on every rank if `flag` is true on any rank."""
+    if not is_dist():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
+    return bool(t.item())
+
+
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (a picklable object; tensors travel on the CPU)."""
+    if not is_dist():
+        return obj
+    box = [obj if is_main_process() else None]
+    dist.broadcast_object_list(box, src=0, group=_control_group)
+    return box[0]
+
+
+def gather_to_main(obj):
+    """[rank 0's obj, rank 1's, ...] on rank 0; None on the others."""
+    if not is_dist():
+        return [obj]
+    gathered = [None] * get_world_size() if is_main_process() else None
+    dist.gather_object(obj, gathered, dst=0, group=_control_group)
+    return gathered
 
 
 def all_reduce_sum(values, device):

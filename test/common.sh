@@ -10,6 +10,8 @@
 # Inputs from the calling launcher: MODE (full|perf), DEFAULT_RANK_SIZE, DEFAULT_RECIPE, DEFAULT_ARGS (array).
 # Order of main.py flags (last wins): launcher defaults < recipe < perf mode (1 epoch, 100 steps) < --epochs= < user.
 # Multi-node (8p): NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT, as torchrun uses them.
+# MAX_RESTARTS=N (8p): torchrun restarts the ranks up to N times after a failure; each restart resumes
+# from the newest checkpoint in the output folder.
 set -o pipefail
 
 test_path_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -64,7 +66,7 @@ if [ "$RANK_SIZE" -gt 1 ] || [ "$NNODES" -gt 1 ]; then
     log_file_arg=(--log-file "$OUTPUT_ROOT/{rank}/train_{rank}.log")
     launch=("$PYTHON" -m torch.distributed.run --nproc_per_node="$RANK_SIZE" --nnodes="$NNODES"
             --node_rank="$NODE_RANK" --master_addr="${MASTER_ADDR:-127.0.0.1}"
-            --master_port="${MASTER_PORT:-29500}")
+            --master_port="${MASTER_PORT:-29500}" --max-restarts="${MAX_RESTARTS:-0}")
 else
     log_rank=$ASCEND_DEVICE_ID
     log_file_arg=(--log-file "$OUTPUT_ROOT/$log_rank/train_$log_rank.log" --device_id "$ASCEND_DEVICE_ID")

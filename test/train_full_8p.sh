@@ -4,6 +4,7 @@
 #   bash test/train_full_8p.sh --data_path=/data/imagenet [--epochs=N] [--recipe=NAME] [main.py flags ...]
 #   RANK_SIZE=2 bash test/train_full_8p.sh ...                                  # 2 processes
 #   NNODES=2 NODE_RANK=0|1 MASTER_ADDR=host0 MASTER_PORT=29500 bash test/train_full_8p.sh ...  # 2 machines
+#   MAX_RESTARTS=3 bash test/train_full_8p.sh ...       # torchrun restarts failed ranks; they resume by themselves
 MODE=full
 DEFAULT_RANK_SIZE=8
 DEFAULT_RECIPE=reference
