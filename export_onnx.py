@@ -29,9 +29,7 @@ import torch
 
 import densenet
 import utils
-from utils import UserError
-
-EXIT_USER_ERROR = 2
+from cli import UserError, run_tool
 EXIT_MISMATCH = 1
 
 
@@ -144,12 +142,7 @@ def main(args):
 
 
 def run(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return run_tool(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

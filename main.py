@@ -25,10 +25,10 @@ import data as data_lib
 import densenet
 import recipe
 import utils
+from cli import EXIT_USER_ERROR, UserError
 from device import DeviceError, build_mixed_precision, build_sgd, resolve_device
-from utils import UserError, log
+from utils import log
 
-EXIT_USER_ERROR = 2
 EXIT_NUMERICAL_ERROR = 3
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- resume with --resume auto
 
@@ -388,9 +388,10 @@ def read_resume_checkpoint(args):
     found, error = (None, None, None), None
     if utils.is_main_process() and args.resume:
         try:
-            path = utils.find_latest_checkpoint(args.output_dir) if args.resume == "auto" else args.resume
+            path, checkpoint = (utils.find_latest_checkpoint(args.output_dir) if args.resume == "auto"
+                                else (args.resume, None))
             if path:
-                found = (path, *utils.read_weights(path))
+                found = (path, *utils.read_weights(path, checkpoint))
         except UserError as e:
             error = str(e)
     found, error = utils.broadcast_from_main((found, error))

@@ -14,11 +14,7 @@ import json
 import os
 import sys
 
-EXIT_USER_ERROR = 2
-
-
-class UserError(Exception):
-    pass
+from cli import UserError, run_tool
 
 
 def get_args_parser():
@@ -114,12 +110,7 @@ def main(args):
 
 
 def run(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return run_tool(main, get_args_parser().parse_args(argv), expected=(OSError,))
 
 
 if __name__ == "__main__":

@@ -28,9 +28,7 @@ import data as data_lib
 import densenet
 import utils
 from device import DeviceError, resolve_device
-from utils import UserError
-
-EXIT_USER_ERROR = 2
+from cli import UserError, run_tool
 RAW_WEIGHTS_PREPROCESSING = {"val_resize_size": 256, "val_crop_size": 224, "interpolation": "bilinear"}
 
 
@@ -234,12 +232,7 @@ def main(args):
 
 
 def run(argv=None):
-    args = get_args_parser().parse_args(argv)
-    try:
-        return main(args)
-    except (UserError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+    return run_tool(main, get_args_parser().parse_args(argv), expected=(DeviceError,))
 
 
 if __name__ == "__main__":

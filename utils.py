@@ -13,9 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-
-class UserError(RuntimeError):
-    """A mistake in the command line, files or environment: printed as one line, exit code 2."""
+from cli import UserError  # noqa: F401  (re-exported: utils.UserError is what the modules raise)
 
 
 # ----------------------------------------------------------------------------
@@ -313,13 +311,15 @@ def describe_mismatch(model, state_dict, limit=4):
     return "; ".join(parts) or None
 
 
-def read_weights(path):
+def read_weights(path, checkpoint=None):
     """(state_dict, checkpoint) from any weights file we accept -- our checkpoints, other trainers'
     ({'state_dict': ...}) or a raw torchvision state_dict -- with 'module.' prefixes removed and legacy
     'norm.1'-style keys renamed. `checkpoint` is the whole dict (classes, args, ...), {} for a raw state_dict.
-    Shared by main.py --pretrained, export_onnx.py and predict.py."""
+    Pass `checkpoint` when the file is loaded already. Shared by main.py (--pretrained, --resume),
+    export_onnx.py and predict.py."""
     import densenet
-    checkpoint = load_safe(path)
+    if checkpoint is None:
+        checkpoint = load_safe(path)
     try:
         state_dict = extract_state_dict(checkpoint)
     except UserError as e:
@@ -402,9 +402,10 @@ class TensorBoardLogger:
 
 
 def find_latest_checkpoint(output_dir):
-    """The newest checkpoint in output_dir that loads, or None (for --resume auto)."""
+    """(path, loaded checkpoint) of the newest checkpoint in output_dir that loads, or (None, None)
+    (for --resume auto)."""
     if not output_dir or not os.path.isdir(output_dir):
-        return None
+        return None, None
     candidates = [os.path.join(output_dir, n) for n in os.listdir(output_dir)
                   if n.endswith(".pth") and (n == "checkpoint.pth" or n.startswith("model_"))
                   and n != "model_best.pth"]
@@ -412,12 +413,12 @@ def find_latest_checkpoint(output_dir):
         try:
             ckpt = load_safe(path)
             if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
-                return path
+                return path, ckpt
             print(f"WARNING: --resume auto: skipped {path} (not a training checkpoint)", file=sys.stderr, flush=True)
         except UserError as e:
             print(f"WARNING: --resume auto: skipped {e}", file=sys.stderr, flush=True)  # corrupt or unsafe
             continue
-    return None
+    return None, None
 
 
 def tee_stdout_to(path):

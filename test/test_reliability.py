@@ -350,7 +350,7 @@ def test_hostile_checkpoint_is_refused_in_process(tmp_path):
         with pytest.raises(utils.UserError, match="refused to load"):
             load_fn(str(evil))
     shutil.copy(evil, tmp_path / "checkpoint.pth")
-    assert utils.find_latest_checkpoint(str(tmp_path)) is None
+    assert utils.find_latest_checkpoint(str(tmp_path)) == (None, None)
     assert not marker.exists()
 
 
@@ -495,7 +495,7 @@ def test_keep_checkpoints_and_resume_auto_skips_corrupt_newer_files(data48, tmp_
     now = time.time()
     for i, n in enumerate(["model_1.pth", "model_2.pth", "checkpoint.pth", "model_3.pth"]):
         os.utime(tmp_path / n, (now + i, now + i))
-    assert utils.find_latest_checkpoint(str(tmp_path)) == str(tmp_path / "model_2.pth")
+    assert utils.find_latest_checkpoint(str(tmp_path))[0] == str(tmp_path / "model_2.pth")
 
     resumed = train(data48, tmp_path, "--epochs", "4", "--max-steps", "2", "--keep-checkpoints", "2",
                     "--resume", "auto")
