@@ -15,6 +15,9 @@ Design choices (why, not what):
     mid-epoch, or run with a different --workers, sees the same crops.
   * Validation is sharded without padding (ExactEvalSampler): every image is
     evaluated exactly once, however many ranks.
+  * Decoding lives in decode.py (PIL for everything, libjpeg-turbo for the fast
+    training crop); this module only chooses which reader and which transform a
+    dataset uses (train_dataset), so nothing is smuggled through attributes.
 """
 import math
 import os
@@ -22,22 +25,20 @@ import signal
 
 import torch
 import torch.utils.data
-from PIL import Image, ImageFile
 from torchvision import datasets, transforms
-from torchvision.transforms import InterpolationMode
+
+from cli import UserError
+from decode import FAST_DECODE_INTERPOLATIONS, INTERPOLATIONS, FastRandomResizedCrop, UnreadableImage, \
+    load_encoded, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-INTERPOLATIONS = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-                  "nearest": InterpolationMode.NEAREST}
-
-# A truncated JPEG must be an error we can catch and report, never a silently half-grey image.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
+AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet")
 
 
-class DataError(ValueError):
-    """A dataset problem the user must fix (one-line message)."""
+class DataError(UserError):
+    """A dataset problem the user must fix (one-line message, exit code 2)."""
 
 
 # ----------------------------------------------------------------------------
@@ -82,29 +83,33 @@ def check_dataset_layout(root):
 # Dataset
 # ----------------------------------------------------------------------------
 
-def load_rgb(path):
-    """Decode any image PIL can read into RGB (grayscale, CMYK, palette and RGBA included)."""
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        img.load()
-    if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
-        # Composite transparency onto white, as a viewer would, instead of keeping undefined colours.
-        img = img.convert("RGBA")
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img, mask=img.getchannel("A"))
-        return background
-    return img.convert("RGB")
-
-
 class ImageFolderDataset(datasets.ImageFolder):
     """torchvision's ImageFolder that skips hidden files, reports undecodable ones, and reseeds per sample."""
 
-    def __init__(self, root, transform, seed=0):
-        super().__init__(root, transform=transform, loader=getattr(transform, "loader", load_rgb),
-                         is_valid_file=is_image_file, allow_empty=True)  # fast decode: reads, decodes later
+    def __init__(self, root, transform, seed=0, loader=load_rgb):
+        # loader: how a file is read (load_rgb decodes; decode.load_encoded only reads, the transform decodes)
+        super().__init__(root, transform=transform, loader=loader, is_valid_file=is_image_file, allow_empty=True)
         self.seed = seed
         if not self.samples:
             raise DataError(f"{root} contains no image files ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def classes_without_images(self):
+        """[(class, why)] for the classes this set has no image of: a model would learn to never predict them.
+        os.walk (torchvision's scan) skips a folder it cannot read without a word, so that is checked here."""
+        counts = [0] * len(self.classes)
+        for _, target in self.samples:
+            counts[target] += 1
+        problems = []
+        for name, count in zip(self.classes, counts):
+            if count:
+                continue
+            try:
+                with os.scandir(os.path.join(self.root, name)) as entries:
+                    next(entries, None)
+                problems.append((name, "no image files"))
+            except OSError as e:
+                problems.append((name, f"unreadable folder: {e.strerror or e}"))
+        return problems
 
     def find_classes(self, directory):
         # Same class list as check_dataset_layout: a hidden folder (.ipynb_checkpoints, __MACOSX) is no class
@@ -183,28 +188,64 @@ def collate_skip_bad(samples):
 # ----------------------------------------------------------------------------
 
 def train_transform(crop_size, interpolation="bilinear", scale=(0.08, 1.0), hflip_prob=0.5, auto_augment=None,
-                    ra_magnitude=9, augmix_severity=3, random_erase=0.0, fast_decode=False):
-    import recipe  # the stronger augmentations of the recipe options
-
-    if fast_decode and not auto_augment and interpolation in FAST_DECODE_INTERPOLATIONS:
-        steps = [FastRandomResizedCrop(crop_size, scale, interpolation=interpolation, hflip_prob=hflip_prob)]
-        if random_erase > 0:
-            steps.append(recipe.random_erasing(random_erase))
-        fast = transforms.Compose(steps)
-        fast.loader = load_encoded  # ImageFolderDataset reads files with this: decoding waits for the crop
-        return fast
-
+                    ra_magnitude=9, augmix_severity=3, random_erase=0.0):
+    """torchvision's training preset on PIL images (load_rgb), ending in a uint8 tensor."""
     steps = [transforms.RandomResizedCrop(crop_size, scale=tuple(scale), interpolation=INTERPOLATIONS[interpolation],
                                           antialias=True)]
     if hflip_prob > 0:
         steps.append(transforms.RandomHorizontalFlip(hflip_prob))
     if auto_augment:
-        steps.append(recipe.auto_augment_transform(auto_augment, INTERPOLATIONS[interpolation], ra_magnitude,
-                                                   augmix_severity))
+        steps.append(auto_augment_transform(auto_augment, INTERPOLATIONS[interpolation], ra_magnitude,
+                                            augmix_severity))
     steps.append(transforms.PILToTensor())
     if random_erase > 0:
-        steps.append(recipe.random_erasing(random_erase))
+        steps.append(random_erasing(random_erase))
     return transforms.Compose(steps)
+
+
+def fast_train_transform(crop_size, interpolation="bilinear", scale=(0.08, 1.0), hflip_prob=0.5, random_erase=0.0):
+    """The same crops and flips as train_transform, decoded by decode.FastRandomResizedCrop from files that
+    decode.load_encoded has read (not decoded)."""
+    steps = [FastRandomResizedCrop(crop_size, scale, interpolation=interpolation, hflip_prob=hflip_prob)]
+    if random_erase > 0:
+        steps.append(random_erasing(random_erase))
+    return transforms.Compose(steps)
+
+
+def fast_decode_applies(auto_augment=None, interpolation="bilinear"):
+    """--fast-decode stands aside for PIL-level augmentations and filters it cannot reproduce."""
+    return not auto_augment and interpolation in FAST_DECODE_INTERPOLATIONS
+
+
+def train_dataset(root, crop_size, interpolation="bilinear", scale=(0.08, 1.0), hflip_prob=0.5, auto_augment=None,
+                  ra_magnitude=9, augmix_severity=3, random_erase=0.0, fast_decode=False, seed=0):
+    """The training set: the fast reader + transform where they apply, else torchvision's PIL path."""
+    if fast_decode and fast_decode_applies(auto_augment, interpolation):
+        transform = fast_train_transform(crop_size, interpolation, scale, hflip_prob, random_erase)
+        return ImageFolderDataset(root, transform, seed=seed, loader=load_encoded)
+    transform = train_transform(crop_size, interpolation, scale, hflip_prob, auto_augment, ra_magnitude,
+                                augmix_severity, random_erase)
+    return ImageFolderDataset(root, transform, seed=seed, loader=load_rgb)
+
+
+def auto_augment_transform(policy, interpolation, magnitude=9, severity=3):
+    """The PIL-level augmentation named by --auto-augment (applied after crop and flip, before PILToTensor)."""
+    if policy == "ra":
+        return transforms.RandAugment(interpolation=interpolation, magnitude=magnitude)
+    if policy == "ta_wide":
+        return transforms.TrivialAugmentWide(interpolation=interpolation)
+    if policy == "augmix":
+        return transforms.AugMix(interpolation=interpolation, severity=severity)
+    if policy == "imagenet":
+        return transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
+    raise ValueError(f"unknown --auto-augment {policy!r}; choose from {', '.join(AUTO_AUGMENT)}")
+
+
+def random_erasing(p):
+    """RandomErasing on the uint8 tensor; erased pixels get the mean colour, i.e. 0 after normalisation,
+    which is what torchvision's reference gets by erasing the normalised tensor with 0."""
+    mean_pixel = tuple(round(255 * m) for m in IMAGENET_MEAN)
+    return transforms.RandomErasing(p=p, value=mean_pixel)
 
 
 def eval_transform(resize_size, crop_size, interpolation="bilinear"):
@@ -213,133 +254,6 @@ def eval_transform(resize_size, crop_size, interpolation="bilinear"):
         transforms.CenterCrop(crop_size),
         transforms.PILToTensor(),
     ])
-
-
-# ----------------------------------------------------------------------------
-# Fast training decode (main.py --fast-decode, the default): the same crops and flips as
-# train_transform, about twice the images per core. The crop is drawn from the JPEG header's size
-# (same RNG draws as torchvision's RandomResizedCrop + RandomHorizontalFlip), then the file is decoded
-# by libjpeg-turbo straight into a uint8 tensor (torchvision.io.decode_jpeg: identical pixels to PIL,
-# ~1.5x faster) and cropped/resized by torch's vectorised uint8 antialiased resize (~2x faster than
-# PIL's; within 2 grey levels of PIL's, mean difference ~0.02). When the crop is at least 2x the output
-# size, libjpeg decodes at 1/2, 1/4 or 1/8 scale (PIL's draft): it pays on big photos (benchmark.py
-# measures it), but never applies to ImageNet-sized (~500x375) images at 224. PNG, CMYK, ... take the PIL path.
-# ----------------------------------------------------------------------------
-
-FAST_DECODE_INTERPOLATIONS = ("bilinear",)
-PIL_FILTERS = {InterpolationMode.BILINEAR: Image.BILINEAR, InterpolationMode.BICUBIC: Image.BICUBIC,
-               InterpolationMode.NEAREST: Image.NEAREST}
-
-try:
-    import warnings as _warnings
-    from torchvision.io import ImageReadMode as _ImageReadMode, decode_jpeg as _decode_jpeg
-    # torchvision 0.29 deprecates its decoders in favour of TorchCodec; they still work, so don't warn per worker.
-    _warnings.filterwarnings("ignore", message=".*decoding and encoding capabilities of TorchVision are deprecated")
-except ImportError:  # a torchvision without decoders: PIL decodes, the crop/resize stays fast
-    _decode_jpeg = None
-
-
-class UnreadableImage(Exception):
-    """A file whose header parsed but whose pixels did not decode (e.g. truncated): reported, skipped."""
-
-
-def _jpeg_header(data):
-    """(mode, (width, height)) from a baseline/progressive JPEG's SOF segment, or None (let PIL look)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    pos, n = 2, len(data)
-    while pos + 9 < n:
-        if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # SOFn
-            height, width, comps = int.from_bytes(data[pos + 5:pos + 7], "big"), \
-                int.from_bytes(data[pos + 7:pos + 9], "big"), data[pos + 9]
-            return ({1: "L", 3: "RGB", 4: "CMYK"}.get(comps, "?"), (width, height)) if width and height else None
-        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # standalone markers
-            pos += 2
-            continue
-        pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
-    return None
-
-
-class EncodedImage:
-    """A training file read but not decoded: its bytes and its header's format, mode and size."""
-
-    def __init__(self, path):
-        import io
-        self.path = path
-        with open(path, "rb") as f:
-            self.data = bytearray(f.read())
-        header = _jpeg_header(self.data)  # ~20 us; PIL's Image.open costs ~10x that
-        if header is not None:
-            self.format, (self.mode, self.size) = "JPEG", header
-            return
-        with Image.open(io.BytesIO(self.data)) as img:  # header only; raises for what is not an image
-            self.format, self.mode, self.size = img.format, img.mode, img.size
-
-
-def load_encoded(path):
-    return EncodedImage(path)
-
-
-class FastRandomResizedCrop:
-    """RandomResizedCrop + RandomHorizontalFlip + PILToTensor, deciding the crop before decoding.
-
-    `reduced_decode`: let libjpeg decode at 1/2..1/8 scale when the crop stays >= the output size, then
-    resize the same (fractional) box with PIL. The DCT-domain downscale stands in for part of the
-    antialiasing filter: the same picture (mean difference < 1 grey level on photos), not the same bits.
-    """
-
-    def __init__(self, size, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0), interpolation="bilinear",
-                 hflip_prob=0.5, reduced_decode=True):
-        self.size = (size, size) if isinstance(size, int) else tuple(size)
-        self.scale, self.ratio = tuple(scale), tuple(ratio)
-        self.interpolation = INTERPOLATIONS[interpolation] if isinstance(interpolation, str) else interpolation
-        self.hflip_prob = hflip_prob
-        self.reduced_decode = reduced_decode
-
-    def reduction(self, crop_h, crop_w, image):
-        """The DCT scale denominator (1, 2, 4 or 8) that keeps the crop at least the output size."""
-        r = 1
-        if self.reduced_decode and image.format == "JPEG" and image.mode in ("RGB", "L"):
-            while r < 8 and crop_h >= 2 * r * self.size[0] and crop_w >= 2 * r * self.size[1]:
-                r *= 2
-        return r
-
-    def __call__(self, image):
-        import numpy as np
-        from torchvision.transforms.v2 import functional as F2
-
-        width, height = image.size
-        # The same draws, in the same order, as RandomResizedCrop then RandomHorizontalFlip.
-        i, j, h, w = transforms.RandomResizedCrop.get_params(torch.empty(1, 1, 1).expand(3, height, width),
-                                                             self.scale, self.ratio)
-        flip = self.hflip_prob > 0 and bool(torch.rand(1) < self.hflip_prob)
-        r = self.reduction(h, w, image) if isinstance(image, EncodedImage) else 1
-        try:
-            if isinstance(image, Image.Image):
-                pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-            elif (r == 1 and _decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L")
-                  and image.data.rfind(b"\xff\xd9", len(image.data) - 64) >= 0):  # no end marker: let PIL judge
-                pixels = _decode_jpeg(torch.frombuffer(image.data, dtype=torch.uint8), mode=_ImageReadMode.RGB)
-            elif r > 1:  # decode at 1/r scale (pixel k covers original pixels [k*r, (k+1)*r)), resize the box
-                import io
-                with Image.open(io.BytesIO(image.data)) as img:
-                    img.draft("RGB", (width // r, height // r))
-                    img = img.convert("RGB").resize(self.size[::-1], PIL_FILTERS[self.interpolation],
-                                                    box=(j / r, i / r, (j + w) / r, (i + h) / r))
-                out = torch.from_numpy(np.array(img)).permute(2, 0, 1)
-                return (out.flip(-1) if flip else out).contiguous()
-            else:
-                pixels = torch.from_numpy(np.array(load_rgb(image.path))).permute(2, 0, 1)
-        except (OSError, RuntimeError, ValueError, SyntaxError) as e:
-            raise UnreadableImage(f"{type(e).__name__}: {e}") from None
-        out = F2.resized_crop(pixels, i, j, h, w, list(self.size), self.interpolation, antialias=True)
-        return (out.flip(-1) if flip else out).contiguous()
 
 
 class DeviceNormalize:
@@ -432,10 +346,11 @@ class ExactEvalSampler(torch.utils.data.Sampler):
 # Loaders
 # ----------------------------------------------------------------------------
 
-def default_workers(world_size=1):
-    """Share the machine's cores among the ranks on it, leaving one for the trainer itself."""
+def default_workers(local_world_size=1):
+    """The cores this process may use, shared among the ranks on this machine, minus one per rank for the
+    trainer itself. No fixed cap: a 16-core single-GPU box needs ~15 decoders to feed DenseNet-201 at bf16."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(8, cores // max(1, world_size) - 1))
+    return max(0, cores // max(1, local_world_size) - 1)
 
 
 def _ignore_stop_signals(worker_id):
@@ -456,15 +371,17 @@ def make_loader(dataset, sampler, batch_size, workers, pin_memory, seed, drop_la
 
 
 class SyntheticLoader:
-    """Random uint8 images made once on the host; the same model/AMP path runs on them, no disk involved."""
+    """Random uint8 images made once on the host; the same model/AMP path runs on them, no disk involved.
+    pin_memory: as the real loader does on accelerators, so the host-to-device copy is asynchronous."""
 
-    def __init__(self, batch_size, crop_size, num_classes, steps, seed=0):
+    def __init__(self, batch_size, crop_size, num_classes, steps, seed=0, pin_memory=False):
         g = torch.Generator().manual_seed(seed)
         self.batch = Batch(torch.randint(0, 256, (batch_size, 3, crop_size, crop_size), dtype=torch.uint8,
                                          generator=g),
                            torch.randint(0, num_classes, (batch_size,), generator=g), [])
+        if pin_memory:
+            self.batch.pin_memory()
         self.steps = steps
-        self.sampler = None
 
     def __iter__(self):
         for _ in range(self.steps):

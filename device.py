@@ -12,13 +12,17 @@ like "cuda" and the same calls drive both.
 import contextlib
 import importlib
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
+
+from cli import UserError
 
 
-class DeviceError(RuntimeError):
-    """A requested device or optional package is not available (one-line message)."""
+class DeviceError(UserError):
+    """A requested device or optional package is not available (one-line message, exit code 2)."""
 
 
 DEVICE_TYPES = ("auto", "npu", "cuda", "cpu")
@@ -38,7 +42,7 @@ def _npu_available():
     return _import_torch_npu() and torch.npu.is_available() and torch.npu.device_count() > 0
 
 
-@dataclass
+@dataclass(frozen=True)
 class Device:
     """The device this process trains on, plus the facts the trainer needs about it."""
 
@@ -66,21 +70,29 @@ class Device:
         if self.is_accelerator:
             self.module().synchronize(self.index)
 
+    @property
+    def channels_last_default(self):
+        """NHWC is faster for convolutions with cuDNN and oneDNN; Ascend's kernels prefer their own formats."""
+        return self.type in ("cuda", "cpu")
+
     def supports_bf16(self):
+        """bf16 in hardware, not emulated: what --amp picks by default (and what it falls back from)."""
         if self.type == "cpu":
-            # Ice Lake and newer x86 (AVX512-BF16 / AMX) run bf16 natively; oneDNN knows.
+            # Cooper Lake / Sapphire Rapids and newer x86 (AVX512-BF16 / AMX) run bf16 natively in oneDNN.
             return bool(getattr(torch.backends.mkldnn, "is_available", lambda: False)()) and _cpu_has_fast_bf16()
         if self.type == "cuda":
-            return torch.cuda.is_bf16_supported()
+            # Emulated bf16 on pre-Ampere GPUs (V100, T4) counts as "supported" by default: not for us.
+            return torch.cuda.is_bf16_supported(including_emulation=False)
         return False  # Ascend 910's fast path is fp16; bf16 there is opt-in via --amp-dtype
 
     def default_amp_dtype(self):
+        """--amp's dtype when --amp-dtype is auto; float32 means --amp does nothing on this device."""
         if self.type == "npu":
             return torch.float16
         if self.type == "cpu":
-            # oneDNN's fp16 backward kernels are far slower than bf16 on every CPU we measured (densenet121:
-            # 0.45 vs 25.7 img/s), and bf16 needs no loss scaling; CPUs without native bf16 emulate it.
-            return torch.bfloat16
+            # oneDNN's fp16 backward is far slower than bf16 (densenet121: 0.45 vs 25.7 img/s), and on a CPU
+            # without native bf16 the emulated bf16 step is slower than fp32 (measured: see README), so fp32.
+            return torch.bfloat16 if self.supports_bf16() else torch.float32
         return torch.bfloat16 if self.supports_bf16() else torch.float16
 
     def describe(self):
@@ -91,7 +103,15 @@ class Device:
         return f"{self.type}:{self.index} ({name})"
 
 
+# oneDNN ISA levels (ONEDNN_MAX_CPU_ISA) below which bf16 runs emulated, whatever the processor has.
+_ONEDNN_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
 def _cpu_has_fast_bf16():
+    """AVX512-BF16 or AMX in /proc/cpuinfo, unless ONEDNN_MAX_CPU_ISA caps oneDNN below them."""
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "")).upper() in \
+            _ONEDNN_ISAS_WITHOUT_BF16:
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -129,6 +149,9 @@ def resolve_device(requested="auto", local_rank=0, device_ids=None):
     if requested == "cpu":
         return Device("cpu", 0)
     count = torch.get_device_module(requested).device_count()
+    if device_ids and local_rank >= len(device_ids):
+        raise DeviceError(f"--device_ids {','.join(map(str, device_ids))} names {len(device_ids)} device(s) but "
+                          f"this node runs local rank {local_rank}: give one device per local rank")
     index = device_ids[local_rank] if device_ids else local_rank
     if index >= count:
         raise DeviceError(f"local rank {local_rank} wants {requested}:{index} but only {count} "
@@ -136,6 +159,48 @@ def resolve_device(requested="auto", local_rank=0, device_ids=None):
     torch.accelerator.set_device_index(index) if hasattr(torch, "accelerator") else \
         torch.get_device_module(requested).set_device(index)
     return Device(requested, index)
+
+
+def configure_backends(device, deterministic=False):
+    """Kernel selection for the run: reproducible (--deterministic) or fastest."""
+    if deterministic:
+        if device.type == "cuda":
+            # cuBLAS is reproducible only with a fixed workspace; without it deterministic mode raises at the
+            # first matmul. It must be set before cuBLAS starts, which is after this (no kernel has run yet).
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN time its algorithms once
+    if device.type == "npu" and hasattr(torch.npu, "set_compile_mode"):
+        # Ascend ModelZoo's setting: precompiled binary kernels instead of compiling operators online
+        # (torch_npu's set_compile_mode; see the ModelZoo-PyTorch training scripts).
+        torch.npu.set_compile_mode(jit_compile=False)
+
+
+def set_threads_per_rank(device, local_world_size):
+    """Ranks on one machine share its cores: oversubscribed OpenMP threads slow CPU training many-fold."""
+    if device.type == "cpu" and local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def check_sync_bn(device):
+    if device.type == "cpu":
+        raise DeviceError("--sync-bn: torch's SyncBatchNorm runs on GPU/NPU only, not on CPU; drop --sync-bn")
+
+
+def place_model(model, device, channels_last=False, sync_bn=False):
+    """The model on its device, in its memory format, with SyncBatchNorm if asked (before DDP and apex)."""
+    model.to(device.torch_device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def wrap_ddp(model, device):
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.is_accelerator else None)
 
 
 # ----------------------------------------------------------------------------
@@ -151,6 +216,10 @@ def _import_apex_amp():
 
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+# The Ascend original's defaults for --apex-opt-level and --loss_scale_value (its train.py), kept for drop-in use.
+DEFAULT_OPT_LEVEL = "O1"
+DEFAULT_LOSS_SCALE = 1024.0
+APEX_FUSED_SGD_OPT_LEVELS = ("O1", "O2")  # Ascend's NpuFusedSGD refuses the others
 
 
 def parse_loss_scale(value):
@@ -167,25 +236,26 @@ def parse_loss_scale(value):
 
 
 class MixedPrecision:
-    """Autocast + loss scaling for one run, whatever the backend.
+    """Autocast + loss scaling + the optimizer step for one run, whatever the backend.
 
-    Modes:
-      * off           -- plain fp32 (--amp not given, or --apex-opt-level O0)
+    Modes (backend, dtype):
+      * off           -- plain fp32 (--amp not given, --apex-opt-level O0, or a CPU without native bf16)
       * native bf16   -- torch.autocast(bf16); bf16 has fp32's range, so no scaler
       * native fp16   -- torch.autocast(fp16) + torch.amp.GradScaler, static or dynamic scale
       * apex          -- apex.amp.initialize(opt_level, loss_scale); Ascend's fork adds combine_grad
+    The training step calls zero_grad, autocast and backward_and_step and never asks which mode it is in.
     """
 
-    def __init__(self, device, enabled=False, backend="native", dtype=None, loss_scale=None, opt_level="O2",
-                 growth_interval=2000):
+    def __init__(self, *, device, backend="off", dtype=torch.float32, loss_scale=None, opt_level="O1",
+                 growth_interval=2000, notes=()):
         self.device = device
-        self.enabled = enabled
-        self.backend = backend if enabled else "off"
-        self.dtype = (dtype or device.default_amp_dtype()) if enabled else torch.float32
+        self.backend = backend if backend == "apex" or dtype != torch.float32 else "off"
+        self.dtype = dtype if self.backend != "off" else torch.float32
         self.opt_level = opt_level
         self.loss_scale = float(loss_scale) if isinstance(loss_scale, (int, float)) else loss_scale
         self.static_scale = isinstance(self.loss_scale, float)
         self.growth_interval = growth_interval
+        self.notes = list(notes)  # what became of the flags on this device, for the log
         self.apex_amp = None
         self.scaler = None
         # Steps whose gradients overflowed and were skipped; a device tensor so that counting costs no sync.
@@ -197,6 +267,10 @@ class MixedPrecision:
             self.scaler = torch.amp.GradScaler(device.type, init_scale=self.loss_scale if self.static_scale
                                                else 2.0 ** 16, growth_interval=growth_interval)
 
+    @property
+    def enabled(self):
+        return self.backend != "off"
+
     # -- set-up --------------------------------------------------------------
     def initialize(self, model, optimizer):
         """Hook the backend into model and optimizer (only apex needs to wrap them)."""
@@ -205,32 +279,43 @@ class MixedPrecision:
         self.apex_amp = _import_apex_amp()
         kwargs = dict(opt_level=self.opt_level,
                       loss_scale=self.loss_scale if isinstance(self.loss_scale, float) else "dynamic")
-        if self.device.type == "npu":
-            kwargs["combine_grad"] = True  # Ascend fork: fuse gradient buffers for fewer kernel launches
+        if self.device.type == "npu" and self.opt_level in APEX_FUSED_SGD_OPT_LEVELS:
+            # Ascend fork: fuse gradient buffers for fewer kernel launches (its amp refuses it at O0/O3).
+            kwargs["combine_grad"] = True
         return self.apex_amp.initialize(model, optimizer, **kwargs)
 
     def describe(self):
+        """One line for the log: the precision in force, then what the flags meant on this device."""
         if self.backend == "off":
-            return "fp32 (no mixed precision)"
-        if self.backend == "apex":
+            text = "fp32 (no mixed precision)"
+        elif self.backend == "apex":
             scale = self.loss_scale if isinstance(self.loss_scale, float) else "dynamic"
-            return f"apex amp opt_level={self.opt_level}, loss scale {scale}"
-        dtype = "bf16" if self.dtype == torch.bfloat16 else "fp16"
-        text = f"native torch.autocast({self.device.type}, {dtype})"
-        if self.opt_level == "O2":
-            text += " [apex O2 requested: native AMP keeps fp32 master weights and casts per-op, " \
-                    "it has no fp16 model copy]"
-        if self.scaler is None:
-            return text + ", no loss scaling (bf16 has fp32's exponent range)"
-        if isinstance(self.loss_scale, float):
-            return text + f", static loss scale {self.loss_scale:g} (overflowing steps skipped)"
-        return text + ", dynamic loss scale"
+            text = f"apex amp opt_level={self.opt_level}, loss scale {scale:g}" if isinstance(scale, float) else \
+                f"apex amp opt_level={self.opt_level}, dynamic loss scale"
+        else:
+            dtype = "bf16" if self.dtype == torch.bfloat16 else "fp16"
+            text = f"native torch.autocast({self.device.type}, {dtype})"
+            if self.scaler is None:
+                text += ", no loss scaling (bf16 has fp32's exponent range)"
+            elif self.static_scale:
+                text += f", static loss scale {self.loss_scale:g} (overflowing steps skipped)"
+            else:
+                text += ", dynamic loss scale"
+        return "; ".join([text, *self.notes])
 
     # -- per step ------------------------------------------------------------
     def autocast(self):
         if self.backend == "native":
             return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()  # fp32, or apex (which patched the model itself)
+
+    def zero_grad(self, optimizer):
+        if self.backend == "apex":
+            # apex O2 (NVIDIA's and Ascend's fork) replaces optimizer.zero_grad with a method taking no
+            # arguments (it also clears the fp32 master gradients); set_to_none= would be a TypeError.
+            optimizer.zero_grad()
+        else:
+            optimizer.zero_grad(set_to_none=True)  # no memset; the backward writes fresh gradients
 
     def backward_and_step(self, loss, optimizer, parameters=None, clip_grad_norm=None):
         """Backward, optional clipping, optimizer step -- with whatever scaling the mode needs."""
@@ -287,42 +372,64 @@ class MixedPrecision:
 
 
 def build_mixed_precision(args, device):
-    """Turn --amp/--apex/--amp-backend/--amp-dtype/--apex-opt-level/--loss_scale_value into a MixedPrecision."""
-    enabled = bool(args.amp or args.apex) and args.apex_opt_level != "O0"
+    """Turn --amp/--apex/--amp-backend/--amp-dtype/--apex-opt-level/--loss_scale_value into a MixedPrecision.
+    Fails here, before any data is read, when the backend asked for cannot run."""
+    opt_level = args.apex_opt_level or DEFAULT_OPT_LEVEL
+    loss_scale = parse_loss_scale(args.loss_scale_value) or DEFAULT_LOSS_SCALE
+    if not (args.amp or args.apex) or opt_level == "O0":
+        return MixedPrecision(device=device, opt_level=opt_level)
+    flag = "--apex" if args.apex else "--amp-backend apex"
     backend = "apex" if args.apex else args.amp_backend
-    loss_scale = parse_loss_scale(args.loss_scale_value)
-    if not enabled:
-        return MixedPrecision(device, enabled=False, opt_level=args.apex_opt_level)
+    if backend == "apex" and device.type == "cpu" and os.environ.get("DENSENET_APEX_ON_CPU") != "1":
+        # DENSENET_APEX_ON_CPU=1 lets apex drive a CPU run: the tests do, with the stand-in of test/apex_standin.
+        raise DeviceError(f"{flag}: apex amp runs on NPU/CUDA only; on the CPU use --amp (native torch.amp)")
     if backend == "apex" and _import_apex_amp() is None:
-        flag = "--apex" if args.apex else "--amp-backend apex"
-        raise DeviceError(f"{flag}: apex is not installed. It is built from source, not PyPI's 'apex': "
-                          "Ascend: https://gitee.com/ascend/apex ; NVIDIA: https://github.com/NVIDIA/apex "
+        if device.type == "cuda":
+            raise DeviceError(f"{flag}: apex.amp is not available; NVIDIA's apex has removed apex.amp (2025) in "
+                              f"favour of torch.amp: on a GPU drop {flag} and use --amp (native torch.amp)")
+        raise DeviceError(f"{flag}: apex is not installed. Ascend's apex is built from source "
+                          "(https://gitee.com/ascend/apex), not PyPI's 'apex' "
                           f"(or drop {flag} to use native torch.amp)")
-    if backend == "apex" and device.type == "cpu":
-        raise DeviceError(f"{'--apex' if args.apex else '--amp-backend apex'}: apex amp runs on NPU/CUDA only; "
-                          "on the CPU use --amp (native torch.amp)")
     if backend == "auto":
         backend = "apex" if device.type == "npu" and _import_apex_amp() is not None else "native"
+    notes = []
     if backend == "apex":
-        return MixedPrecision(device, True, "apex", torch.float16, loss_scale, args.apex_opt_level)
+        if device.type == "npu" and opt_level not in APEX_FUSED_SGD_OPT_LEVELS:
+            notes.append(f"plain torch SGD (Ascend's NpuFusedSGD supports opt levels "
+                         f"{'/'.join(APEX_FUSED_SGD_OPT_LEVELS)} only)")
+        return MixedPrecision(device=device, backend="apex", dtype=torch.float16, loss_scale=loss_scale,
+                              opt_level=opt_level, notes=notes)
+    if device.type == "npu":
+        notes.append("apex is not installed: native torch.amp")
+    elif args.apex_opt_level is not None:
+        notes.append(f"apex AMP is used on Ascend NPUs only; --apex-opt-level {opt_level} means autocast here "
+                     f"(fp32 weights, per-op casts, no fp16 model copy)")
     dtype = device.default_amp_dtype() if args.amp_dtype == "auto" else AMP_DTYPES[args.amp_dtype]
-    if dtype == torch.bfloat16 and loss_scale is not None and loss_scale != "dynamic":
-        loss_scale = None  # no scaler for bf16; main.py logs that the value is ignored
-    return MixedPrecision(device, True, "native", dtype, loss_scale, args.apex_opt_level)
+    if dtype == torch.float32:
+        notes.append("this CPU has no native bf16 (AVX512-BF16/AMX), where bf16 is emulated and slower than "
+                     "fp32: --amp runs fp32 (--amp-dtype bf16 forces bf16)")
+    elif dtype == torch.bfloat16:
+        if args.loss_scale_value is not None:
+            notes.append(f"--loss_scale_value {args.loss_scale_value} not used: bf16 needs no loss scaling")
+        loss_scale = None
+    return MixedPrecision(device=device, backend="native", dtype=dtype, loss_scale=loss_scale, opt_level=opt_level,
+                          notes=notes)
 
 
 # ----------------------------------------------------------------------------
 # Optimizer
 # ----------------------------------------------------------------------------
 
-def build_sgd(param_groups, lr, momentum, device, use_apex=False):
-    """SGD with momentum, using the fastest kernel the device has (same numerics everywhere)."""
-    if use_apex and device.type == "npu":
-        try:
-            from apex.optimizers import NpuFusedSGD  # Ascend fork: one fused kernel for all params
-            return NpuFusedSGD(param_groups, lr=lr, momentum=momentum)
-        except ImportError:
-            pass
+def build_sgd(param_groups, lr, momentum, device, amp=None):
+    """SGD with momentum, using the fastest kernel the device has (same numerics everywhere).
+
+    GradScaler with the foreach SGD reads the overflow flag on the host every step (a sync); the fused
+    CUDA SGD takes it on the device (_step_supports_amp_scaling). On Ascend, apex's NpuFusedSGD is the
+    fused kernel; native fp16 there pays that sync (see README, Mixed precision)."""
+    if amp is not None and amp.backend == "apex" and device.type == "npu" and \
+            amp.opt_level in APEX_FUSED_SGD_OPT_LEVELS:
+        from apex.optimizers import NpuFusedSGD  # Ascend fork: one fused kernel for all params
+        return NpuFusedSGD(param_groups, lr=lr, momentum=momentum)
     if device.type == "cuda":
         return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, fused=True)
     return torch.optim.SGD(param_groups, lr=lr, momentum=momentum, foreach=True)

@@ -7,7 +7,10 @@ The counterpart of the Ascend reference's pthtar2onnx.py. Accepts our checkpoint
 'args': ..., 'classes': ...}), other trainers' ({'state_dict': ...}, 'module.' prefixes) and raw
 torchvision state_dicts (legacy 'norm.1' keys included); the architecture and the number of classes
 are read from the file. The graph has one input 'input' (N x 3 x H x W, float32, ImageNet-normalised)
-and one output 'output' (N x classes, logits), with a dynamic batch axis N.
+and one output 'output' (N x classes, logits), with a dynamic batch axis N. --reference-names writes the
+Ascend original's graph instead (pthtar2onnx.py): input 'actual_input_1', output 'output1', a static
+1 x 3 x H x W shape and opset 11, which its infer/convert/onnx2om.sh (atc --input_shape="actual_input_1:1,3,224,224")
+takes unchanged.
 
 Exporter: the TorchScript-based one (torch.onnx.export(dynamo=False)). DenseNet has no data-dependent
 control flow, so tracing captures it exactly; that exporter needs nothing beyond torch and onnx (the
@@ -28,7 +31,7 @@ import warnings
 import torch
 
 import densenet
-import utils
+import checkpoint
 from cli import UserError, run_tool
 EXIT_MISMATCH = 1
 
@@ -43,7 +46,11 @@ def get_args_parser():
                    help="expected number of classes (default: from the classifier in the weights)")
     p.add_argument("--image-size", type=int, default=None,
                    help="input height and width (default: the checkpoint's --val-crop-size, else 224)")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17; for an older CANN's ATC try 11)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset version (default 17, or 11 with --reference-names; for an older CANN's ATC try 11)")
+    p.add_argument("--reference-names", action="store_true",
+                   help="the Ascend original's graph: input 'actual_input_1', output 'output1', static batch 1, "
+                        "so its onnx2om.sh works unchanged")
     p.add_argument("--output", default=None, help="the .onnx file to write (default: <model>.onnx)")
     p.add_argument("--atol", type=float, default=1e-4,
                    help="largest allowed absolute difference between PyTorch and onnxruntime logits "
@@ -58,9 +65,13 @@ def get_args_parser():
     return p
 
 
-def export(model, path, image_size, opset, exporter):
-    example = torch.randn(2, 3, image_size, image_size)
-    kwargs = dict(input_names=["input"], output_names=["output"], opset_version=opset)
+REFERENCE_NAMES = ("actual_input_1", "output1")  # the original's pthtar2onnx.py
+
+
+def export(model, path, image_size, opset, exporter, reference_names=False):
+    names = REFERENCE_NAMES if reference_names else ("input", "output")
+    example = torch.randn(1 if reference_names else 2, 3, image_size, image_size)
+    kwargs = dict(input_names=[names[0]], output_names=[names[1]], opset_version=opset)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
         if exporter == "dynamo":
@@ -69,12 +80,13 @@ def export(model, path, image_size, opset, exporter):
             except ImportError:
                 raise UserError("--exporter dynamo needs the onnxscript package: pip install onnxscript "
                                 "(or use the default --exporter torchscript)")
-            batch = torch.export.Dim("batch", min=1)
-            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False,
-                              dynamic_shapes=({0: batch},), **kwargs)
+            shapes = None if reference_names else ({0: torch.export.Dim("batch", min=1)},)
+            torch.onnx.export(model, (example,), path, dynamo=True, external_data=False, dynamic_shapes=shapes,
+                              **kwargs)
         else:
-            torch.onnx.export(model, (example,), path, dynamo=False, do_constant_folding=True,
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}}, **kwargs)
+            axes = None if reference_names else {names[0]: {0: "batch"}, names[1]: {0: "batch"}}
+            torch.onnx.export(model, (example,), path, dynamo=False, do_constant_folding=True, dynamic_axes=axes,
+                              **kwargs)
 
 
 def opset_of(path):
@@ -98,7 +110,7 @@ def check_with_onnxruntime(model, path, image_size, batch_sizes, seed):
         x = torch.randn(n, 3, image_size, image_size, generator=g)
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run(["output"], {input_name: x.numpy()})[0]
+        got = session.run([session.get_outputs()[0].name], {input_name: x.numpy()})[0]
         diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         results.append((n, diff))
     return results
@@ -107,30 +119,33 @@ def check_with_onnxruntime(model, path, image_size, batch_sizes, seed):
 def main(args):
     if args.image_size is not None and args.image_size < 32:
         raise UserError(f"--image-size must be >= 32 (DenseNet downsamples 32x), got {args.image_size}")
-    if args.opset < 11:
-        raise UserError(f"--opset must be >= 11, got {args.opset}")
-    model, checkpoint, name = utils.build_model_from_weights(args.weights, args.model, args.num_classes)
+    opset = args.opset or (11 if args.reference_names else 17)
+    if opset < 11:
+        raise UserError(f"--opset must be >= 11, got {opset}")
+    model, saved, name = checkpoint.build_model_from_weights(args.weights, args.model, args.num_classes)
     num_classes = model.classifier.out_features
-    ckpt_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    ckpt_args = checkpoint.saved_config(saved)
     image_size = args.image_size or ckpt_args.get("val_crop_size") or 224
     output = args.output or f"{name}.onnx"
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     print(f"Loaded {args.weights}: {name}, {num_classes} classes"
-          + (f", epoch {checkpoint['epoch']}" if "epoch" in checkpoint else ""), flush=True)
+          + (f", epoch {saved['epoch']}" if "epoch" in saved else ""), flush=True)
 
     start = time.time()
-    export(model, output, image_size, args.opset, args.exporter)
+    export(model, output, image_size, opset, args.exporter, args.reference_names)
     size_mb = os.path.getsize(output) / 2 ** 20
-    opset = opset_of(output)
-    if opset != args.opset:
-        print(f"warning: the {args.exporter} exporter wrote opset {opset}, not --opset {args.opset}", file=sys.stderr)
-    print(f"Exported {output} ({size_mb:.1f} MiB, opset {opset}, {args.exporter} exporter, "
-          f"{time.time() - start:.1f} s): input 'input' [batch, 3, {image_size}, {image_size}] float32 "
-          f"(ImageNet-normalised), output 'output' [batch, {num_classes}] logits", flush=True)
+    written = opset_of(output)
+    if written != opset:
+        print(f"warning: the {args.exporter} exporter wrote opset {written}, not --opset {opset}", file=sys.stderr)
+    names, batch = (REFERENCE_NAMES, "1") if args.reference_names else (("input", "output"), "batch")
+    print(f"Exported {output} ({size_mb:.1f} MiB, opset {written}, {args.exporter} exporter, "
+          f"{time.time() - start:.1f} s): input '{names[0]}' [{batch}, 3, {image_size}, {image_size}] float32 "
+          f"(ImageNet-normalised), output '{names[1]}' [{batch}, {num_classes}] logits", flush=True)
     if args.no_check:
         return 0
 
-    results = check_with_onnxruntime(model, output, image_size, args.check_batch_sizes, args.seed)
+    batch_sizes = (1,) if args.reference_names else args.check_batch_sizes  # a static graph takes batch 1 only
+    results = check_with_onnxruntime(model, output, image_size, batch_sizes, args.seed)
     for n, diff in results:
         print(f"onnxruntime vs PyTorch, batch {n}: max abs diff {diff:.3e}", flush=True)
     worst = max((d for _, d in results), key=lambda d: (d != d, d))  # NaN counts as the worst

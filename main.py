@@ -3,9 +3,10 @@
     python main.py --data-path /data/imagenet                      # whatever device is here
     torchrun --nproc_per_node 8 main.py --data-path ... -b 1024    # DDP; -b is the global batch
 
-Reads top to bottom: arguments, then main() (devices, data, model, optimizer,
-resume, the epoch loop), then train_one_epoch() and evaluate(). Everything that
-differs between Ascend NPU, NVIDIA GPU and CPU is in device.py.
+Reads top to bottom: the arguments, main() (set-up, data, trainer, resume, then evaluation or the epoch
+loop), then train_one_epoch() and evaluate() with what they use. The training step itself is
+trainer.Trainer.step; checkpoints are checkpoint.py; everything that differs between Ascend NPU, NVIDIA
+GPU and CPU is device.py.
 """
 import argparse
 import math
@@ -16,138 +17,163 @@ import time
 import traceback
 import warnings
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+import checkpoint
 import data as data_lib
 import densenet
-import recipe
+import device as device_lib
 import utils
-from cli import EXIT_USER_ERROR, UserError
-from device import DeviceError, build_mixed_precision, build_sgd, resolve_device
-from utils import log
+from cli import EXIT_PREEMPTED, NumericalError, UserError, run_tool
+from trainer import build_trainer, learning_rate
+from utils import log, warn
 
-EXIT_NUMERICAL_ERROR = 3
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "try again later" -- resume with --resume auto
 
-# torchvision's published weights, as they sit in the torch hub cache (nothing is downloaded here).
-TORCHVISION_WEIGHT_FILES = {
-    "densenet121": "densenet121-a639ec97.pth",
-    "densenet161": "densenet161-8d451a50.pth",
-    "densenet169": "densenet169-b2777c0a.pth",
-    "densenet201": "densenet201-c1103571.pth",
-}
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each default; one that the help text already explains ("default: the cores ...") is not followed
+    by a misleading "(default: None)"."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "").lower():
+            return action.help
+        return super()._get_help_string(action)
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="DenseNet ImageNet training (Ascend NPU / NVIDIA GPU / CPU)")
-    a = p.add_argument
-    # data
-    a("--data-path", "--data_path", dest="data_path", default=None, help="folder with train/<class>/ and val/<class>/")
-    a("--synthetic", action="store_true", help="random images instead of a dataset (performance runs)")
-    a("-j", "--workers", type=int, default=None, help="data loading workers per process (default: from CPU count)")
-    a("--train-crop-size", type=int, default=224)
-    a("--val-resize-size", type=int, default=256)
-    a("--val-crop-size", type=int, default=224)
-    a("--interpolation", default="bilinear", choices=sorted(data_lib.INTERPOLATIONS))
-    a("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
-      help="area range of RandomResizedCrop (torchvision's default 0.08 1.0)")
-    a("--hflip-prob", type=float, default=0.5, help="probability of a horizontal flip in training")
-    a("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
-      help="training images: crop drawn from the JPEG header, libjpeg-turbo decode (reduced scale when the crop "
-           "allows) and torch's uint8 resize, ~2x images/s per core; --no-fast-decode: torchvision's PIL path "
-           "(same crops and flips; pixels within 2 levels). Off by itself with --auto-augment or non-bilinear")
-    a("--max-bad-images", type=int, default=100, help="stop if more unreadable training images than this")
-    # model
-    a("--model", default="densenet201", choices=sorted(densenet.MODELS))
-    a("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
-      help="default: number of class folders in train/ (1000 for --synthetic)")
-    a("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
-    a("--memory-efficient", action="store_true", help="gradient checkpointing in dense layers: less memory, ~20%% slower")
-    a("--pretrained", action="store_true", help="start from pretrained weights (see --pretrained_weight_path)")
-    a("--pretrained_weight_path", "--pretrained-weight-path", dest="pretrained_weight_path", default=None)
-    a("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+    p = argparse.ArgumentParser(description="DenseNet ImageNet training (Ascend NPU / NVIDIA GPU / CPU)",
+                                formatter_class=HelpFormatter)
+    g = p.add_argument_group("data").add_argument
+    g("--data-path", "--data_path", dest="data_path", default=None, help="folder with train/<class>/ and val/<class>/")
+    g("--synthetic", action="store_true", help="random images instead of a dataset (performance runs)")
+    g("-j", "--workers", type=int, default=None,
+      help="data loading processes per machine, divided among its ranks as the original does (default: the "
+           "cores each rank may use, minus one)")
+    g("--train-crop-size", type=int, default=224, help="training crop (RandomResizedCrop) size")
+    g("--val-resize-size", type=int, default=256, help="validation resize (shorter side)")
+    g("--val-crop-size", type=int, default=224, help="validation centre crop")
+    g("--interpolation", default="bilinear", choices=sorted(data_lib.INTERPOLATIONS), help="resize filter")
+    g("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+      help="area range of RandomResizedCrop")
+    g("--hflip-prob", type=float, default=0.5, help="probability of a horizontal flip in training")
+    g("--fast-decode", action=argparse.BooleanOptionalAction, default=True,
+      help="training JPEGs: crop drawn from the header, libjpeg-turbo decode and torch's uint8 resize, ~2x "
+           "images/s per core; --no-fast-decode: torchvision's PIL path (same crops and flips; pixels within 2 "
+           "levels). Off by itself with --auto-augment or non-bilinear")
+    g("--max-bad-images", type=int, default=100, help="stop if more unreadable training images than this")
+    g("--cache-dataset", action="store_true",
+      help="accepted for the original's scripts; a no-op here (the file list is scanned at start, in seconds)")
+    g = p.add_argument_group("model").add_argument
+    g("--model", default="densenet201", choices=sorted(densenet.MODELS), help="architecture")
+    g("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
+      help="classifier outputs (default: the number of class folders in train/; 1000 for --synthetic)")
+    g("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
+    g("--memory-efficient", action="store_true", help="gradient checkpointing in dense layers: less memory, slower")
+    g("--pretrained", action="store_true", help="start from pretrained weights (see --pretrained_weight_path)")
+    g("--pretrained_weight_path", "--pretrained-weight-path", dest="pretrained_weight_path", default=None,
+      help="weights file for --pretrained (default: torchvision's file in the torch hub cache)")
+    g("--channels-last", action=argparse.BooleanOptionalAction, default=None,
       help="NHWC memory format (default: on for cuda/cpu, off for npu)")
-    a("--compile", action="store_true", help="torch.compile the model (compile time reported separately)")
-    # optimisation
-    a("--epochs", type=int, default=90)
-    a("-b", "--batch-size", type=int, default=128, help="global batch size (divided among ranks)")
-    a("--lr", type=float, default=0.1)
-    a("--momentum", type=float, default=0.9)
-    a("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4)
-    a("--norm-weight-decay", type=float, default=0.0,
-      help="weight decay for BatchNorm weights and all biases (default 0: not decayed)")
-    a("--label-smoothing", type=float, default=0.0)
-    a("--lr-scheduler", default="step", choices=["step", "cosine", "exponential"])
-    a("--lr-step-size", type=int, default=30)
-    a("--lr-gamma", type=float, default=0.1)
-    a("--lr-min", type=float, default=0.0)
-    a("--lr-warmup-epochs", type=float, default=0)
-    a("--lr-warmup-method", default="linear", choices=["linear", "constant"])
-    a("--lr-warmup-decay", type=float, default=0.01, help="warm-up starts at lr * this")
-    a("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm to this value")
-    # recipe options (torchvision reference names; see README "Recipes")
-    a("--auto-augment", default=None, choices=list(recipe.AUTO_AUGMENT))
-    a("--ra-magnitude", type=int, default=9, help="RandAugment magnitude")
-    a("--augmix-severity", type=int, default=3)
-    a("--random-erase", type=float, default=0.0, help="RandomErasing probability")
-    a("--mixup-alpha", type=float, default=0.0)
-    a("--cutmix-alpha", type=float, default=0.0)
-    a("--model-ema", action="store_true", help="also train, evaluate and checkpoint an EMA of the weights")
-    a("--model-ema-steps", type=int, default=32, help="update the EMA every this many steps")
-    a("--model-ema-decay", type=float, default=0.99998, help="EMA decay (adjusted for batch and epochs, as torchvision)")
-    a("--ra-sampler", action="store_true", help="repeated augmentation sampler")
-    a("--ra-reps", type=int, default=3, help="repetitions per image with --ra-sampler")
-    # mixed precision
-    a("--amp", action="store_true", help="mixed precision (backend/dtype by device, see README)")
-    a("--apex", action="store_true", help="the reference's spelling of --amp --amp-backend apex")
-    a("--amp-backend", default="auto", choices=["auto", "apex", "native"])
-    a("--amp-dtype", default="auto", choices=["auto", "fp16", "bf16"])
-    a("--apex-opt-level", default="O2", choices=["O0", "O1", "O2", "O3"])
-    a("--loss_scale_value", "--loss-scale-value", dest="loss_scale_value", default=None,
-      help="a number (static loss scale) or 'dynamic' (fp16 only; default dynamic)")
-    # devices and distribution
-    a("--device", default="auto", choices=["auto", "npu", "cuda", "cpu"])
-    a("--device_id", "--device-id", dest="device_id", type=int, default=None, help="device index for 1-device runs")
-    a("--distributed", action="store_true", help="require a distributed launch (implied under torchrun)")
-    a("--world-size", type=int, default=None, help="number of processes (taken from the launcher)")
-    a("--dist-url", default="env://")
-    a("--dist_rank", "--dist-rank", dest="dist_rank", type=int, default=0, help="node rank (RANK_ID launches)")
-    a("--dist-backend", default=None, choices=["hccl", "nccl", "gloo"], help="default: follows the device")
-    a("--dist-timeout", type=int, default=600, help="seconds before a stuck collective fails the job")
-    a("--device_ids", "--device-ids", dest="device_ids", default=None,
-      help="comma-separated devices for local ranks 0,1,..., e.g. 0,1,2,3")
-    a("--sync-bn", action="store_true")
-    # run control
-    a("--output-dir", default=".", help="checkpoints and metrics go here")
-    a("--resume", default="", help="checkpoint to resume from, or 'auto' for the latest in --output-dir")
-    a("--start-epoch", type=int, default=0)
-    a("--test-only", action="store_true")
-    a("--print-freq", type=int, default=10)
-    a("--log-file", default=None, help="also write this process's output here; {rank} becomes the global rank")
-    a("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
-    a("--warmup-steps", type=int, default=5, help="steps excluded from the steady-state FPS")
-    a("--keep-checkpoints", type=int, default=None, help="keep only the newest K model_<epoch>.pth")
-    a("--seed", type=int, default=1234)
-    a("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
-    a("--tensorboard", action="store_true", help="also log the per-epoch metrics to <output-dir>/tensorboard")
+    g("--compile", action="store_true", help="torch.compile the model (compile time reported separately)")
+    g = p.add_argument_group("optimisation").add_argument
+    g("--epochs", type=int, default=90, help="epochs to train")
+    g("-b", "--batch-size", type=int, default=128, help="global batch size (divided among ranks)")
+    g("--lr", type=float, default=0.1, help="base learning rate")
+    g("--momentum", type=float, default=0.9, help="SGD momentum")
+    g("--wd", "--weight-decay", dest="weight_decay", type=float, default=1e-4, help="weight decay of conv/linear weights")
+    g("--norm-weight-decay", type=float, default=0.0,
+      help="weight decay of BatchNorm weights and all biases (the reference recipe: as --wd)")
+    g("--label-smoothing", type=float, default=0.0, help="label smoothing of the cross-entropy loss")
+    g("--lr-scheduler", default="step", choices=["step", "cosine", "exponential"], help="learning-rate decay")
+    g("--lr-update", default="step", choices=["step", "epoch"],
+      help="recompute the learning rate every step, or once per epoch (as a scheduler stepped per epoch)")
+    g("--lr-step-size", type=int, default=30, help="epochs between step decays")
+    g("--lr-gamma", type=float, default=0.1, help="step/exponential decay factor")
+    g("--lr-min", type=float, default=0.0, help="cosine's final learning rate")
+    g("--lr-warmup-epochs", type=float, default=0, help="linear or constant warm-up length")
+    g("--lr-warmup-method", default="linear", choices=["linear", "constant"], help="warm-up shape")
+    g("--lr-warmup-decay", type=float, default=0.01, help="warm-up starts at lr * this")
+    g("--clip-grad-norm", type=float, default=None, help="clip the global gradient norm to this value")
+    g = p.add_argument_group("recipe options (torchvision reference names; README: Recipes)").add_argument
+    g("--auto-augment", default=None, choices=list(data_lib.AUTO_AUGMENT), help="automatic augmentation policy")
+    g("--ra-magnitude", type=int, default=9, help="RandAugment magnitude")
+    g("--augmix-severity", type=int, default=3, help="AugMix severity")
+    g("--random-erase", type=float, default=0.0, help="RandomErasing probability")
+    g("--mixup-alpha", type=float, default=0.0, help="mixup's Beta(alpha, alpha); 0: off")
+    g("--cutmix-alpha", type=float, default=0.0, help="cutmix's Beta(alpha, alpha); 0: off")
+    g("--model-ema", action="store_true", help="also train, evaluate and checkpoint an EMA of the weights")
+    g("--model-ema-steps", type=int, default=32, help="update the EMA every this many steps")
+    g("--model-ema-decay", type=float, default=0.99998, help="EMA decay (adjusted for batch and epochs, as torchvision)")
+    g("--ra-sampler", action="store_true", help="repeated augmentation sampler")
+    g("--ra-reps", type=int, default=3, help="repetitions per image with --ra-sampler")
+    g = p.add_argument_group("mixed precision (README: Mixed precision and devices)").add_argument
+    g("--amp", action="store_true", help="mixed precision (backend and dtype by device)")
+    g("--apex", action="store_true", help="the original's spelling of --amp --amp-backend apex")
+    g("--amp-backend", default="auto", choices=["auto", "apex", "native"], help="auto: apex on NPUs where installed")
+    g("--amp-dtype", default="auto", choices=["auto", "fp16", "bf16"], help="native AMP dtype")
+    g("--apex-opt-level", default=None, choices=["O0", "O1", "O2", "O3"],
+      help=f"apex opt level (default {device_lib.DEFAULT_OPT_LEVEL}, as the original; the launchers pass O2)")
+    g("--loss_scale_value", "--loss-scale-value", dest="loss_scale_value", default=None,
+      help=f"fp16 loss scale: a number (static) or 'dynamic' (default {device_lib.DEFAULT_LOSS_SCALE:g}, static, "
+           f"as the original)")
+    g = p.add_argument_group("devices and distribution (torchrun, or the original's RANK_ID/RANK_SIZE)").add_argument
+    g("--device", default="auto", choices=device_lib.DEVICE_TYPES, help="auto: npu, else cuda, else cpu")
+    g("--device_id", "--device-id", dest="device_id", type=int, default=None, help="device index for 1-device runs")
+    g("--distributed", action="store_true",
+      help="join the original's RANK_ID/RANK_SIZE launch (implied under torchrun)")
+    g("--world-size", type=int, default=1, help="number of machines, for RANK_ID/RANK_SIZE launches (as the original)")
+    g("--dist_rank", "--dist-rank", dest="dist_rank", type=int, default=0,
+      help="this machine's index, for RANK_ID/RANK_SIZE launches (as the original)")
+    g("--dist-url", default="env://", help="rendezvous (env://: MASTER_ADDR/MASTER_PORT; RANK_ID launches without "
+                                            "them use the original's 127.0.0.1:29688)")
+    g("--dist-backend", default=None, choices=["hccl", "nccl", "gloo"], help="default: follows the device")
+    g("--dist-timeout", type=int, default=600, help="seconds before a missing peer or a stuck collective fails the job")
+    g("--device_ids", "--device-ids", dest="device_ids", default=None,
+      help="comma-separated devices for local ranks 0,1,..., e.g. 4,5,6,7")
+    g("--sync-bn", action="store_true", help="SyncBatchNorm across ranks (GPU/NPU)")
+    g = p.add_argument_group("run control").add_argument
+    g("--output-dir", default=".", help="checkpoints, metrics.jsonl and run.json go here")
+    g("--resume", default="", help="checkpoint to resume from, or 'auto' for the newest in --output-dir")
+    g("--overwrite", action="store_true", help="start fresh in an --output-dir that holds another run's files")
+    g("--start-epoch", type=int, default=0, help="first epoch of a fresh run")
+    g("--test-only", action="store_true", help="evaluate the --resume/--pretrained weights and stop")
+    g("--print-freq", type=int, default=10, help="log a step line every this many steps (and the first)")
+    g("--log-file", default=None, help="also write this process's output here; {rank} becomes the global rank")
+    g("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
+    g("--warmup-steps", type=int, default=5, help="steps excluded from the steady-state FPS")
+    g("--keep-checkpoints", type=int, default=None, help="keep only the newest K model_<epoch>.pth (default: all)")
+    g("--seed", type=int, default=1234, help="random seed (each rank adds its rank)")
+    g("--deterministic", action="store_true", help="deterministic algorithms (bit-exact resume on CPU)")
+    g("--tensorboard", action="store_true", help="also log the per-epoch metrics to <output-dir>/tensorboard")
     return p
 
 
-# ----------------------------------------------------------------------------
-# Argument validation: everything that can be known before touching data
-# ----------------------------------------------------------------------------
-
 def validate_args(args):
+    """Everything that can be known before any work starts: one line and exit code 2 on the first problem."""
+    finite = math.isfinite
     checks = [
         (args.epochs < 0, f"--epochs must be >= 0, got {args.epochs}"),
         (args.batch_size <= 0, f"--batch-size must be > 0, got {args.batch_size}"),
-        (args.lr < 0, f"--lr must be >= 0, got {args.lr}"),
+        (not (finite(args.lr) and args.lr >= 0), f"--lr must be a finite number >= 0, got {args.lr}"),
+        (not (finite(args.momentum) and 0 <= args.momentum <= 1), f"--momentum must be in [0, 1], got {args.momentum}"),
+        (not (finite(args.weight_decay) and args.weight_decay >= 0), f"--wd must be >= 0, got {args.weight_decay}"),
+        (not (finite(args.norm_weight_decay) and args.norm_weight_decay >= 0),
+         f"--norm-weight-decay must be >= 0, got {args.norm_weight_decay}"),
+        (not 0 <= args.drop_rate < 1, f"--drop-rate must be in [0, 1), got {args.drop_rate}"),
+        (not 0 <= args.label_smoothing <= 1, f"--label-smoothing must be in [0, 1], got {args.label_smoothing}"),
+        (not 0 <= args.random_erase <= 1, f"--random-erase must be in [0, 1], got {args.random_erase}"),
+        (not 0 <= args.hflip_prob <= 1, f"--hflip-prob must be in [0, 1], got {args.hflip_prob}"),
+        (not 0 < args.crop_scale[0] <= args.crop_scale[1] <= 1, "--crop-scale needs 0 < MIN <= MAX <= 1"),
+        (min(args.mixup_alpha, args.cutmix_alpha) < 0, "--mixup-alpha and --cutmix-alpha must be >= 0"),
+        (args.model_ema_steps < 1, f"--model-ema-steps must be >= 1, got {args.model_ema_steps}"),
+        (not 0 < args.model_ema_decay < 1, f"--model-ema-decay must be in (0, 1), got {args.model_ema_decay}"),
+        (args.ra_reps < 1, f"--ra-reps must be >= 1, got {args.ra_reps}"),
         (args.workers is not None and args.workers < 0, f"--workers must be >= 0, got {args.workers}"),
         (args.max_bad_images < 0, f"--max-bad-images must be >= 0, got {args.max_bad_images}"),
         (args.print_freq <= 0, f"--print-freq must be > 0, got {args.print_freq}"),
+        (args.warmup_steps < 0, f"--warmup-steps must be >= 0, got {args.warmup_steps}"),
         (args.max_steps is not None and args.max_steps <= 0, f"--max-steps must be > 0, got {args.max_steps}"),
         (min(args.train_crop_size, args.val_crop_size, args.val_resize_size) <= 0, "image sizes must be > 0"),
         (args.val_crop_size > args.val_resize_size, "--val-crop-size cannot exceed --val-resize-size"),
@@ -157,13 +183,19 @@ def validate_args(args):
         (not args.synthetic and not args.data_path, "no dataset: pass --data-path /path/to/imagenet (or --synthetic)"),
         (args.keep_checkpoints is not None and args.keep_checkpoints < 1, "--keep-checkpoints must be >= 1"),
         (args.lr_step_size <= 0, "--lr-step-size must be > 0"),
+        (not (finite(args.lr_gamma) and args.lr_gamma > 0), "--lr-gamma must be > 0"),
         (args.lr_warmup_epochs < 0, "--lr-warmup-epochs must be >= 0"),
+        (args.clip_grad_norm is not None and not args.clip_grad_norm > 0, "--clip-grad-norm must be > 0"),
+        (args.dist_timeout <= 0, "--dist-timeout must be > 0"),
+        (args.world_size < 1 or args.dist_rank < 0, "--world-size must be >= 1 and --dist_rank >= 0"),
     ]
     for failed, message in checks:
         if failed:
             raise UserError(message)
-    launcher_rank = (utils.launcher_env() or (0,))[0]
-    if args.resume and args.resume != "auto" and launcher_rank == 0 and not os.path.isfile(args.resume):
+    device_lib.parse_loss_scale(args.loss_scale_value)
+    parse_device_ids(args.device_ids)
+    launch = utils.launcher_env(args.distributed, args.dist_rank, args.world_size)
+    if args.resume and args.resume != "auto" and launch.rank == 0 and not os.path.isfile(args.resume):
         raise UserError(f"--resume {args.resume}: no such file")  # only rank 0 reads it (and sends it on)
     if args.pretrained_weight_path and not os.path.isfile(args.pretrained_weight_path):
         raise UserError(f"--pretrained_weight_path {args.pretrained_weight_path}: no such file")
@@ -172,13 +204,11 @@ def validate_args(args):
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard")
-    if args.device_ids:
-        try:
-            args.device_ids = [int(x) for x in str(args.device_ids).split(",") if x.strip()]
-        except ValueError:
-            raise UserError(f"--device_ids must be comma-separated integers, got {args.device_ids!r}")
     if not args.synthetic:
-        args.classes = data_lib.check_dataset_layout(args.data_path)
+        classes = data_lib.check_dataset_layout(args.data_path)
+        if args.num_classes is not None and args.num_classes < len(classes):
+            raise UserError(f"--num_classes {args.num_classes} is smaller than the {len(classes)} class folders "
+                            f"in {args.data_path}/train; drop it or give at least {len(classes)}")
     if args.output_dir:
         try:
             os.makedirs(args.output_dir, exist_ok=True)
@@ -186,113 +216,220 @@ def validate_args(args):
             raise UserError(f"--output-dir {args.output_dir}: cannot create ({e.strerror})")
         if not os.access(args.output_dir, os.W_OK):
             raise UserError(f"--output-dir {args.output_dir}: not writable")
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+        if launch.rank == 0 and not (args.resume or args.test_only or restarted):
+            checkpoint.check_fresh_output_dir(args.output_dir, args.overwrite)
 
 
-def setup_process(args):
-    """Work out rank/world size from the launcher and bind this process's device."""
-    env = utils.launcher_env()
-    if env is not None and env[2] > 1:
-        args.rank, args.local_rank, args.world_size = env
-        args.distributed = True
-    elif args.distributed:
-        raise UserError("--distributed needs a launcher: run under torchrun (sets RANK, LOCAL_RANK, WORLD_SIZE) "
-                        "or use test/train_full_8p.sh")
-    else:
-        args.rank, args.local_rank, args.world_size = 0, 0, 1
-    device_ids = args.device_ids
-    if not args.distributed and args.device_id is not None:
+def parse_device_ids(text):
+    if not text:
+        return None
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--device_ids must be comma-separated integers, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class Run:
+    """What this process is, worked out once from the arguments and the launcher; never changes."""
+    device: device_lib.Device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_world_size: int = 1
+    local_batch: int = 128
+    workers: int = 0
+    channels_last: bool = False
+    resume: str = ""  # --resume, or "auto" in a job torchrun restarted
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+def setup(args):
+    """Join the launcher's job, bind this process's device and configure it; the Run."""
+    launch = utils.launcher_env(args.distributed, args.dist_rank, args.world_size)
+    if args.distributed and launch.style == "single":
+        raise UserError("--distributed needs a launcher: torchrun (sets RANK, LOCAL_RANK, WORLD_SIZE), the "
+                        "original's RANK_ID and RANK_SIZE per process, or test/train_full_8p.sh")
+    distributed = launch.world_size > 1
+    if distributed and args.batch_size % launch.world_size:
+        raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide evenly "
+                        f"among {launch.world_size} ranks")
+    device_ids = parse_device_ids(args.device_ids)
+    if not distributed and args.device_id is not None:
         device_ids = [args.device_id]
-    device = resolve_device(args.device, args.local_rank, device_ids)
-    if device.type == "cpu" and args.distributed and "OMP_NUM_THREADS" not in os.environ:
-        # Ranks on one machine share its cores; oversubscribed OpenMP threads slow CPU training many-fold.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", args.world_size))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    if args.distributed:
-        if args.batch_size % args.world_size:
-            raise UserError(f"--batch-size {args.batch_size} is the global batch and must divide evenly "
-                            f"among {args.world_size} ranks")
-        if args.sync_bn and device.type == "cpu":
-            raise UserError("--sync-bn: torch's SyncBatchNorm runs on GPU/NPU only, not on CPU; drop --sync-bn")
-        utils.init_distributed(args, device)
-    return device
+    device = device_lib.resolve_device(args.device, launch.local_rank, device_ids)
+    device_lib.configure_backends(device, args.deterministic)
+    device_lib.set_threads_per_rank(device, launch.local_world_size)
+    if distributed:
+        if args.sync_bn:
+            device_lib.check_sync_bn(device)
+        utils.init_distributed(launch, device, args.dist_backend or device.dist_backend, args.dist_url,
+                               args.dist_timeout)
+    utils.seed_everything(args.seed + launch.rank)
+    # --workers is per machine, shared among its ranks (the original's rule: ceil(workers / ranks per node)).
+    workers = data_lib.default_workers(launch.local_world_size) if args.workers is None else \
+        -(-args.workers // launch.local_world_size)
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
+    return Run(device=device, rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world_size,
+               local_world_size=launch.local_world_size, local_batch=args.batch_size // launch.world_size,
+               workers=workers, resume=args.resume or ("auto" if restarted else ""),
+               channels_last=device.channels_last_default if args.channels_last is None else args.channels_last)
 
 
 # ----------------------------------------------------------------------------
-# Model, optimizer, learning rate
+# main
 # ----------------------------------------------------------------------------
 
-def load_pretrained(model, args):
-    """Load --pretrained_weight_path, else torchvision's file from the hub cache; re-init a classifier that
-    does not fit --num_classes. Everything else must match exactly."""
-    path = args.pretrained_weight_path
-    if not path:
-        filename = TORCHVISION_WEIGHT_FILES[args.model]
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
-        if not os.path.isfile(path):
-            raise UserError(f"--pretrained: no weights on disk; download https://download.pytorch.org/models/"
-                            f"{filename} to {path} (or pass --pretrained_weight_path FILE)")
-    state_dict, _ = utils.read_weights(path)
-    own = model.state_dict()
-    skipped = [k for k in ("classifier.weight", "classifier.bias")
-               if k in state_dict and k in own and state_dict[k].shape != own[k].shape]
-    weight_classes = state_dict["classifier.weight"].shape[0] if skipped else None
-    for k in skipped:
-        del state_dict[k]
-    mismatch = utils.describe_mismatch(model, {**state_dict, **{k: own[k] for k in skipped}})
-    if mismatch:
-        raise UserError(f"{path} does not fit --model {args.model}: {mismatch}")
-    model.load_state_dict(state_dict, strict=not skipped)
-    log(f"Loaded pretrained weights from {path}")
-    if skipped:
-        log(f"Classifier re-initialised for {own['classifier.weight'].shape[0]} classes (the weights have "
-            f"{weight_classes}); not loaded: {', '.join(skipped)}")
+def main(args):
+    validate_args(args)
+    run = setup(args)
+    amp = device_lib.build_mixed_precision(args, run.device)  # before any data is read: a missing apex fails fast
+    stop = StopSignal()
+    log(f"Device: {run.device.describe()}; world size {run.world_size}; "
+        + (f"global batch {args.batch_size} = {run.world_size} x {run.local_batch}" if run.distributed
+           else f"batch {args.batch_size}") + f"; workers {run.workers} per process")
+    data = build_data(args, run)
+    num_classes = args.num_classes or len(data.classes)
+    trainer = build_trainer(args, run.device, num_classes, amp, channels_last=run.channels_last,
+                            distributed=run.distributed, local_batch=run.local_batch, world_size=run.world_size,
+                            log=log)
+    log(f"Model: {args.model}, {num_classes} classes, "
+        f"{sum(p.numel() for p in trainer.model_without_ddp.parameters()) / 1e6:.1f}M parameters; "
+        f"{'channels_last' if run.channels_last else 'NCHW'}; precision: {amp.describe()}")
+    if trainer.ema is not None:
+        log(f"Model EMA: decay {trainer.ema.decay:.6f} every {args.model_ema_steps} steps (from --model-ema-decay "
+            f"{args.model_ema_decay} adjusted for this batch and length)")
+    start = checkpoint.resume(args, run.resume, trainer, data.classes, run.rank, run.world_size, log=log)
+    if args.test_only:
+        if data.val_loader is None:
+            raise UserError("--test-only needs a dataset (not --synthetic)")
+        evaluate_all(trainer, data.val_loader, args.print_freq)
+        return 0
+
+    lock = claim_output_dir(args, resuming=start.path is not None)
+    utils.write_run_description(args.output_dir, describe_run(args, run, amp))
+    log(f"Start training: epochs {start.epoch}..{args.epochs - 1}, lr {args.lr} ({args.lr_scheduler}, "
+        f"updated every {args.lr_update})")
+    tensorboard = utils.TensorBoardLogger(args.output_dir) if args.tensorboard and utils.is_main_process() else None
+    history, best_acc1, best_epoch, start_step, run_start = [], start.best_acc1, None, start.step, time.time()
+    for epoch in range(start.epoch, args.epochs):
+        if data.train_sampler is not None:
+            data.train_sampler.set_epoch(epoch, start_step * run.local_batch)
+        if start.rng is not None and epoch == start.epoch:
+            utils.set_rng_state(start.rng, run.device)  # continue the random streams exactly where they were
+        try:
+            train_stats = train_one_epoch(trainer, data.train_loader, epoch, start_step, args, stop)
+        except Preempted as p:
+            checkpoint.save_checkpoints(checkpoint.training_state(trainer, args, epoch, p.steps_done, best_acc1,
+                                                                  start.classes), args.output_dir)
+            log(f"Preempted by {stop.signal_name or 'a signal'} at epoch {epoch} step {p.steps_done}: checkpoint "
+                f"saved to {os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
+            return EXIT_PREEMPTED
+        start_step = 0
+        val_stats = evaluate_all(trainer, data.val_loader, args.print_freq)
+        is_best = val_stats.get("acc1", 0.0) > best_acc1
+        if is_best:
+            best_acc1, best_epoch = val_stats["acc1"], epoch
+        history.append({"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in val_stats.items()}})
+        utils.append_metrics(args.output_dir, history[-1])  # before the checkpoint: a kill in between leaves no gap
+        checkpoint.save_checkpoints(checkpoint.training_state(trainer, args, epoch + 1, 0, best_acc1, start.classes),
+                                    args.output_dir, epoch=epoch, is_best=is_best, keep=args.keep_checkpoints)
+        if tensorboard:
+            tensorboard.log(history[-1])
+        epochs_left = args.epochs - epoch - 1
+        if epochs_left and stop.should_stop():  # signalled during evaluation: the epoch is saved, stop here
+            log(f"Preempted by {stop.signal_name or 'a signal'} after epoch {epoch}: checkpoint saved; "
+                f"resume with --resume auto")
+            return EXIT_PREEMPTED
+        if epochs_left:
+            per_epoch = (time.time() - run_start) / len(history)  # training and evaluation
+            log(f"Run: {epochs_left} epochs left, about {utils.format_eta(per_epoch * epochs_left)} to go "
+                f"(evaluation included)")
+    if tensorboard:
+        tensorboard.close()
+    print_run_summary(history, best_acc1, best_epoch, time.time() - run_start)
+    if lock:
+        lock.release()
+    return 0
 
 
-def param_groups(model, weight_decay, norm_weight_decay):
-    """Decay conv/linear weights; BatchNorm weights and biases get --norm-weight-decay (0 by default)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": norm_weight_decay}]
+class Data(NamedTuple):
+    train_loader: object
+    train_sampler: Optional[data_lib.ResumableDistributedSampler]  # None for --synthetic
+    val_loader: object                                              # None for --synthetic
+    classes: list
 
 
-def learning_rate(args, epoch_progress):
-    """Closed-form LR at a (fractional) epoch: optional warm-up, then step / cosine / exponential decay.
+def build_data(args, run):
+    if args.synthetic:
+        classes = [str(i) for i in range(args.num_classes or 1000)]
+        loader = data_lib.SyntheticLoader(run.local_batch, args.train_crop_size, len(classes), args.max_steps or 100,
+                                          args.seed, pin_memory=run.device.is_accelerator)
+        return Data(loader, None, None, classes)
+    if args.cache_dataset:
+        log("Note: --cache-dataset is accepted for the original's scripts and does nothing here: the file list "
+            "is scanned at start-up (seconds), and the original's cache held a pickled dataset object")
+    train_set = data_lib.train_dataset(os.path.join(args.data_path, "train"), args.train_crop_size,
+                                       args.interpolation, args.crop_scale, args.hflip_prob, args.auto_augment,
+                                       args.ra_magnitude, args.augmix_severity, args.random_erase,
+                                       fast_decode=args.fast_decode, seed=args.seed)
+    val_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "val"), data_lib.eval_transform(
+        args.val_resize_size, args.val_crop_size, args.interpolation), seed=args.seed)
+    empty = train_set.classes_without_images()
+    if empty:
+        warn(f"{len(empty)} of {len(train_set.classes)} classes have no usable training image and will never be "
+             f"learned: " + ", ".join(f"{name} ({why})" for name, why in empty[:10]))
+    train_sampler = data_lib.ResumableDistributedSampler(len(train_set), run.world_size, run.rank, args.seed,
+                                                         repeats=args.ra_reps if args.ra_sampler else 1)
+    val_sampler = data_lib.ExactEvalSampler(len(val_set), run.world_size, run.rank)
+    pin = run.device.is_accelerator
+    train_loader = data_lib.make_loader(train_set, train_sampler, run.local_batch, run.workers, pin, args.seed)
+    val_loader = data_lib.make_loader(val_set, val_sampler, run.local_batch, run.workers, pin, args.seed)
+    log(f"Data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes from "
+        f"{args.data_path}")
+    return Data(train_loader, train_sampler, val_loader, train_set.classes)
 
-    Computed every step rather than kept in a stateful scheduler, so a run resumed
-    mid-epoch lands on exactly the same value.
-    """
-    warmup = args.lr_warmup_epochs
-    if epoch_progress < warmup:
-        if args.lr_warmup_method == "constant":
-            return args.lr * args.lr_warmup_decay
-        return args.lr * (args.lr_warmup_decay + (1 - args.lr_warmup_decay) * epoch_progress / warmup)
-    t = epoch_progress - warmup
-    if args.lr_scheduler == "step":
-        return args.lr * args.lr_gamma ** math.floor(t / args.lr_step_size)
-    if args.lr_scheduler == "exponential":
-        return args.lr * args.lr_gamma ** math.floor(t)
-    total = max(args.epochs - warmup, 1e-8)
-    return args.lr_min + (args.lr - args.lr_min) * 0.5 * (1 + math.cos(math.pi * min(t / total, 1.0)))
+
+def claim_output_dir(args, resuming):
+    """Rank 0 locks --output-dir for the run (validate_args refused another run's files already)."""
+    if not utils.is_main_process() or not args.output_dir:
+        return None
+    lock = checkpoint.OutputLock(args.output_dir)
+    if not resuming:
+        checkpoint.start_fresh_metrics(args.output_dir)  # checked before: nothing of another run's is lost
+    checkpoint.remove_stale_temp_files(args.output_dir)
+    return lock
 
 
-def set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+def describe_run(args, run, amp):
+    """run.json: what the launchers' summary reports besides metrics.jsonl."""
+    return {"model": args.model, "network": f"DenseNet{args.model[len('densenet'):]}_for_PyTorch",
+            "world_size": run.world_size, "batch_size": args.batch_size, "local_batch": run.local_batch,
+            "device": run.device.type, "device_name": run.device.describe(), "precision": amp.describe(),
+            "epochs": args.epochs, "synthetic": args.synthetic}
+
+
+def print_run_summary(history, best_acc1, best_epoch, total_seconds):
+    fps = [h["fps"] for h in history if h.get("fps")]
+    log("Run summary")
+    log(f"  epochs trained : {len(history)}")
+    log(f"  best Acc@1     : {best_acc1:.3f}" + (f" (epoch {best_epoch})" if best_epoch is not None else ""))
+    log(f"  total time     : {utils.format_eta(total_seconds)}")
+    log(f"  mean FPS       : {sum(fps) / len(fps):.2f} img/s" if fps else "  mean FPS       : n/a")
 
 
 # ----------------------------------------------------------------------------
-# Preemption and numerical faults
+# One epoch of training
 # ----------------------------------------------------------------------------
 
 class Preempted(Exception):
-    pass
-
-
-class NumericalError(RuntimeError):
-    pass
+    def __init__(self, steps_done):
+        super().__init__(f"preempted after {steps_done} steps")
+        self.steps_done = steps_done
 
 
 class StopSignal:
@@ -313,403 +450,146 @@ class StopSignal:
         return utils.any_rank(self.requested)
 
 
-# ----------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------
+class Meter:
+    """Running sums on the device, read on the host only when asked (that read is the one sync).
 
-@dataclass
-class Trainer:
-    """What one training step needs, bundled so the loop's signature stays short."""
-    model: nn.Module              # what runs the step: DDP- and/or torch.compile-wrapped
-    model_without_ddp: nn.Module  # what is saved and evaluated
-    ema: object
-    optimizer: torch.optim.Optimizer
-    amp: object
-    device: object
-    normalize: object
-    criterion: nn.Module
-    mixup: object
+    Loss sums are float32 (a few steps' worth at most: they are folded into a host double at every read);
+    correct top-1, top-5 and image counts are int64. No float64 on the device: Ascend NPUs have none."""
 
+    def __init__(self, device):
+        self.loss = torch.zeros((), dtype=torch.float32, device=device)
+        self.counts = torch.zeros(3, dtype=torch.int64, device=device)  # correct@1, correct@5, images
+        self.host_loss = 0.0
 
-def checkpoint_state(t, args, next_epoch, next_step, best_acc1, classes):
-    """Everything a resumed run needs, as tensors and plain data only (loadable with weights_only=True).
-    Called on every rank (the RNG states are gathered); only rank 0's result is written."""
-    state = {
-        "model": t.model_without_ddp.state_dict(),
-        "optimizer": t.optimizer.state_dict(),
-        "lr_scheduler": {"name": args.lr_scheduler, "next_epoch": next_epoch},
-        "amp": t.amp.state_dict(),
-        "epoch": next_epoch - 1 if next_step == 0 else next_epoch,
-        "next_epoch": next_epoch,
-        "next_step": next_step,
-        "best_acc1": best_acc1,
-        "classes": list(classes),
-        "args": utils.args_to_dict(args),
-        "world_size": utils.get_world_size(),
-        "rng": utils.gather_to_main(utils.rng_state(t.device)),  # one per rank: rank r resumes rng[r]
-    }
-    if t.ema is not None:
-        state["model_ema"] = t.ema.state_dict()
-        state["model_ema_updates"] = t.ema.num_updates
-    return state
+    def update(self, loss_sum, output, targets):
+        self.loss += loss_sum.float()
+        self.counts += utils.accuracy_counts(output, targets)
+
+    def read(self, all_ranks=False):
+        """(mean loss, acc1 %, acc5 %, images): this rank's, or summed over all ranks."""
+        self.host_loss += float(self.loss)
+        self.loss.zero_()
+        values = [self.host_loss, *self.counts.tolist()]
+        loss, c1, c5, n = utils.all_reduce(values) if all_ranks else values
+        return loss / max(n, 1), 100 * c1 / max(n, 1), 100 * c5 / max(n, 1), int(n)
 
 
-def save_checkpoint(state, args, epoch=None, is_best=False):
-    """checkpoint.pth always; model_<epoch>.pth at epoch ends; model_best.pth on a new best. Rank 0 only."""
-    if not utils.is_main_process() or not args.output_dir:
-        return
-    try:
-        _write_checkpoints(state, args, epoch, is_best)
-    except OSError as e:  # e.g. a full disk: the previous files are intact (atomic writes), say so in one line
-        raise UserError(f"could not write a checkpoint to {args.output_dir}: {e.strerror or e}; the previous "
-                        f"checkpoint is intact")
+class Window:
+    """Wall time, loader waits, steps and images since the last step line: its img/s, time: and data:."""
+
+    def __init__(self):
+        self.start, self.data_time, self.steps, self.images = time.perf_counter(), 0.0, 0, 0
+
+    def fields(self, now):
+        """(img/s, seconds per step, seconds per step waiting for the loader)."""
+        elapsed = now - self.start
+        return self.images / elapsed, elapsed / max(self.steps, 1), self.data_time / max(self.steps, 1)
 
 
-def _write_checkpoints(state, args, epoch, is_best):
-    utils.save_atomic(state, os.path.join(args.output_dir, "checkpoint.pth"))
-    if epoch is not None:
-        utils.save_atomic(state, os.path.join(args.output_dir, f"model_{epoch}.pth"))
-        if args.keep_checkpoints:
-            epochs = sorted(int(n[6:-4]) for n in os.listdir(args.output_dir)
-                            if n.startswith("model_") and n[6:-4].isdigit())
-            for old in epochs[:-args.keep_checkpoints]:
-                os.remove(os.path.join(args.output_dir, f"model_{old}.pth"))
-    if is_best:
-        best = {k: state[k] for k in ("model", "epoch", "best_acc1", "classes", "args")}
-        utils.save_atomic(best, os.path.join(args.output_dir, "model_best.pth"))
-
-
-def read_resume_checkpoint(args):
-    """(path, state_dict, checkpoint) to resume from, or (None, None, None).
-
-    Rank 0 finds (--resume auto) and reads the checkpoint and sends it to the other ranks: only rank 0
-    writes checkpoints, and on other machines the ranks may not see its output folder at all. A file that
-    cannot be read is the same one-line error on every rank."""
-    found, error = (None, None, None), None
-    if utils.is_main_process() and args.resume:
-        try:
-            path, checkpoint = (utils.find_latest_checkpoint(args.output_dir) if args.resume == "auto"
-                                else (args.resume, None))
-            if path:
-                found = (path, *utils.read_weights(path, checkpoint))
-        except UserError as e:
-            error = str(e)
-    found, error = utils.broadcast_from_main((found, error))
-    if error:
-        raise UserError(error)
-    return found
-
-
-# ----------------------------------------------------------------------------
-# main
-# ----------------------------------------------------------------------------
-
-def main(args):
-    if not args.resume and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
-        # torchrun --max-restarts restarted this job after a failure: continue from the last checkpoint.
-        args.resume = "auto"
-    validate_args(args)
-    device = setup_process(args)
-    amp = build_mixed_precision(args, device)  # before any data is read: a missing apex fails fast
-    stop = StopSignal()
-    if args.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-    utils.seed_everything(args.seed + args.rank)
-    world = args.world_size
-    local_batch = args.batch_size // world
-    workers = data_lib.default_workers(world) if args.workers is None else args.workers
-    channels_last = args.channels_last if args.channels_last is not None else device.type in ("cuda", "cpu")
-    log(f"Device: {device.describe()}; world size {world}; "
-        + (f"global batch {args.batch_size} = {world} x {local_batch}" if args.distributed
-           else f"batch {args.batch_size}") + f"; workers {workers} per process")
-
-    # -- data ----------------------------------------------------------------
-    if args.synthetic:
-        classes = [str(i) for i in range(args.num_classes or 1000)]
-        steps = args.max_steps or 100
-        train_loader = data_lib.SyntheticLoader(local_batch, args.train_crop_size, len(classes), steps, args.seed)
-        val_loader = None
-    else:
-        classes = args.classes
-        train_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "train"),
-                                                data_lib.train_transform(
-                                                    args.train_crop_size, args.interpolation, args.crop_scale,
-                                                    args.hflip_prob, args.auto_augment, args.ra_magnitude,
-                                                    args.augmix_severity, args.random_erase,
-                                                    fast_decode=args.fast_decode),
-                                                seed=args.seed)
-        val_set = data_lib.ImageFolderDataset(os.path.join(args.data_path, "val"),
-                                              data_lib.eval_transform(args.val_resize_size, args.val_crop_size,
-                                                                      args.interpolation), seed=args.seed)
-        train_sampler = data_lib.ResumableDistributedSampler(len(train_set), world, args.rank, args.seed,
-                                                             repeats=args.ra_reps if args.ra_sampler else 1)
-        val_sampler = data_lib.ExactEvalSampler(len(val_set), world, args.rank)
-        pin = device.is_accelerator
-        train_loader = data_lib.make_loader(train_set, train_sampler, local_batch, workers, pin, args.seed)
-        val_loader = data_lib.make_loader(val_set, val_sampler, local_batch, workers, pin, args.seed)
-        log(f"Data: {len(train_set)} train / {len(val_set)} val images, {len(classes)} classes from {args.data_path}")
-    num_classes = args.num_classes or len(classes)
-    normalize = data_lib.DeviceNormalize(device.torch_device, channels_last)
-
-    # -- model ---------------------------------------------------------------
-    model = densenet.build_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
-                                 memory_efficient=args.memory_efficient)
-    if args.pretrained:
-        load_pretrained(model, args)
-    model.to(device.torch_device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    optimizer = build_sgd(param_groups(model, args.weight_decay, args.norm_weight_decay), args.lr,
-                          args.momentum, device, use_apex=amp.backend == "apex")
-    model, optimizer = amp.initialize(model, optimizer)
-    log(f"Model: {args.model}, {num_classes} classes, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-        f"parameters; {'channels_last' if channels_last else 'NCHW'}; precision: {amp.describe()}")
-    if args.amp and amp.backend == "native" and args.loss_scale_value not in (None, "dynamic") and amp.scaler is None:
-        log(f"Note: --loss_scale_value {args.loss_scale_value} ignored: bf16 needs no loss scaling")
-    if args.amp and device.type != "npu" and amp.backend == "native":
-        log("Note: apex AMP is used on Ascend NPUs only; on this device --amp uses native torch.amp")
-    model_without_ddp = model
-    ema = None
-    if args.model_ema:
-        decay = recipe.ema_decay_for_run(args.model_ema_decay, world, local_batch, args.model_ema_steps, args.epochs)
-        ema = recipe.ModelEma(model_without_ddp, decay)
-        log(f"Model EMA: decay {decay:.6f} every {args.model_ema_steps} steps (from --model-ema-decay "
-            f"{args.model_ema_decay} adjusted for this batch and length)")
-    if args.distributed:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.is_accelerator else None)
-    t = Trainer(model=torch.compile(model) if args.compile else model, model_without_ddp=model_without_ddp,
-                ema=ema, optimizer=optimizer, amp=amp, device=device, normalize=normalize,
-                criterion=nn.CrossEntropyLoss(label_smoothing=args.label_smoothing),
-                mixup=recipe.MixupCutmix(num_classes, args.mixup_alpha, args.cutmix_alpha))
-
-    # -- resume --------------------------------------------------------------
-    start_epoch, start_step, best_acc1 = args.start_epoch, 0, 0.0
-    resume_path, state_dict, ckpt = read_resume_checkpoint(args)
-    if args.resume == "auto" and not resume_path:
-        if args.test_only and not args.pretrained:
-            raise UserError(f"--test-only --resume auto: no checkpoint in {args.output_dir} to evaluate")
-        log(f"--resume auto: no checkpoint in {args.output_dir}, starting fresh")
-    rng_to_restore = None
-    if resume_path:
-        mismatch = utils.describe_mismatch(model_without_ddp, state_dict)
-        if mismatch:
-            raise UserError(f"{resume_path} does not match --model {args.model} with {num_classes} classes: {mismatch}")
-        model_without_ddp.load_state_dict(state_dict)
-        if ema is not None and "model_ema" in ckpt:
-            ema.load_state_dict(ckpt["model_ema"])
-            ema.num_updates = ckpt.get("model_ema_updates", 0)
-        if not args.test_only and "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
-            amp.load_state_dict(ckpt.get("amp"))
-            start_epoch = ckpt.get("next_epoch", ckpt.get("epoch", -1) + 1)
-            start_step = ckpt.get("next_step", 0)
-            best_acc1 = ckpt.get("best_acc1", 0.0)
-            if ckpt.get("world_size", world) == world and ckpt.get("rng"):
-                rng = ckpt["rng"]
-                rng_to_restore = rng[args.rank] if isinstance(rng, list) else rng  # a dict: 1-rank, older runs
-            elif start_step:
-                raise UserError(f"{resume_path} was saved mid-epoch by {ckpt['world_size']} ranks; resume it with "
-                                f"the same number of ranks (or from an epoch-end model_<epoch>.pth)")
-            saved_batch = (ckpt.get("args") or {}).get("batch_size", args.batch_size)
-            if start_step and saved_batch != args.batch_size:  # the sampler skips next_step * batch samples
-                raise UserError(f"{resume_path} was saved mid-epoch (step {start_step}) with --batch-size "
-                                f"{saved_batch}; resume it with the same --batch-size (or from an epoch-end "
-                                f"model_<epoch>.pth)")
-        ckpt_classes = list(ckpt.get("classes") or [])
-        if ckpt_classes and not args.synthetic and ckpt_classes != list(classes):
-            # Output i means ckpt_classes[i]; the loader would label class folder i instead: silently wrong.
-            differ = sorted(set(ckpt_classes) ^ set(classes))[:4] or "same names, other order"
-            raise UserError(f"{resume_path} was trained on other classes than {args.data_path} (differ: {differ}); "
-                            f"use the same dataset, or start from it with --pretrained_weight_path")
-        classes = ckpt_classes or classes
-        log(f"Resumed from {resume_path}: epoch {start_epoch}, step {start_step}")
-
-    if args.test_only:
-        if val_loader is None:
-            raise UserError("--test-only needs a dataset (not --synthetic)")
-        evaluate(model_without_ddp, val_loader, t, args)
-        if ema is not None:
-            evaluate(ema.module, val_loader, t, args, log_prefix="EMA ")
-        return 0
-
-    # -- train ---------------------------------------------------------------
-    history, best_epoch = [], None
-    if utils.is_main_process():
-        utils.remove_stale_temp_files(args.output_dir)
-    if not resume_path and utils.is_main_process() and os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
-        os.remove(os.path.join(args.output_dir, "metrics.jsonl"))  # a fresh run starts a fresh curve
-    log(f"Start training: epochs {start_epoch}..{args.epochs - 1}, lr {args.lr} ({args.lr_scheduler})")
-    run_start = time.time()
-    tensorboard = utils.TensorBoardLogger(args.output_dir) if args.tensorboard and utils.is_main_process() else None
-    for epoch in range(start_epoch, args.epochs):
-        if train_loader.sampler is not None:
-            train_loader.sampler.set_epoch(epoch, start_step * local_batch)
-        if rng_to_restore is not None:
-            utils.set_rng_state(rng_to_restore, device)  # continue the random streams exactly where they were
-            rng_to_restore = None
-        try:
-            train_stats = train_one_epoch(t, train_loader, epoch, start_step, args, stop)
-        except Preempted:
-            steps_done = stop.steps_done
-            save_checkpoint(checkpoint_state(t, args, epoch, steps_done, best_acc1, classes), args)
-            log(f"Preempted by {stop.signal_name or 'a signal'} at epoch {epoch} step {steps_done}: checkpoint "
-                f"saved to {os.path.join(args.output_dir, 'checkpoint.pth')}; resume with --resume auto")
-            return EXIT_PREEMPTED
-        start_step = 0
-        val_stats = evaluate(model_without_ddp, val_loader, t, args) if val_loader else {}
-        if ema is not None and val_loader:
-            val_stats.update({f"ema_{k}": v for k, v in evaluate(ema.module, val_loader, t, args, "EMA ").items()})
-        acc1 = val_stats.get("acc1", 0.0)
-        is_best = acc1 > best_acc1
-        if is_best:
-            best_acc1, best_epoch = acc1, epoch
-        save_checkpoint(checkpoint_state(t, args, epoch + 1, 0, best_acc1, classes), args, epoch=epoch, is_best=is_best)
-        history.append({"epoch": epoch, **train_stats, **{f"val_{k}": v for k, v in val_stats.items()}})
-        utils.append_metrics(args.output_dir, history[-1])
-        if tensorboard:
-            tensorboard.log(history[-1])
-        epochs_left = args.epochs - epoch - 1
-        if epochs_left and stop.should_stop():  # signalled during evaluation: the epoch is saved, stop here
-            log(f"Preempted by {stop.signal_name or 'a signal'} after epoch {epoch}: checkpoint saved; "
-                f"resume with --resume auto")
-            return EXIT_PREEMPTED
-        if epochs_left:
-            per_epoch = (time.time() - run_start) / len(history)  # training and evaluation
-            log(f"Epoch: [{epoch}] run eta: {utils.format_eta(per_epoch * epochs_left)} "
-                f"({epochs_left} epochs left, evaluation included)")
-    if tensorboard:
-        tensorboard.close()
-    print_run_summary(history, best_acc1, best_epoch, time.time() - run_start)
-    return 0
-
-
-def print_run_summary(history, best_acc1, best_epoch, total_seconds):
-    fps = [h["fps"] for h in history if h.get("fps")]
-    log("Run summary")
-    log(f"  epochs trained : {len(history)}")
-    log(f"  best Acc@1     : {best_acc1:.3f}" + (f" (epoch {best_epoch})" if best_epoch is not None else ""))
-    log(f"  total time     : {utils.format_eta(total_seconds)}")
-    log(f"  mean FPS       : {sum(fps) / len(fps):.2f} img/s" if fps else "  mean FPS       : n/a")
-
-
-# ----------------------------------------------------------------------------
-# One epoch of training
-# ----------------------------------------------------------------------------
-
-def train_one_epoch(t, loader, epoch, start_step, args, stop):
-    t.model.train()
-    dev = t.device.torch_device
-    steps_per_epoch = len(loader) + start_step
-    if args.max_steps:
-        steps_per_epoch = min(steps_per_epoch, args.max_steps)
+def train_one_epoch(trainer, loader, epoch, start_step, args, stop):
+    """One epoch from `start_step`; the epoch's metrics. Raises Preempted(steps_done) when signalled."""
+    trainer.model.train()
+    dev = trainer.device.torch_device
+    steps = min(len(loader) + start_step, args.max_steps or math.inf)
     # With --compile the first step is compilation: never inside the FPS window, even with --warmup-steps 0.
-    throughput = utils.Throughput(t.device, warmup=max(args.warmup_steps, 1) if args.compile else args.warmup_steps)
-    # Running sums stay on the device; they are read (one sync) only every --print-freq steps.
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
-    first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)
-    bad_files = []
-    window_start, window_images = time.perf_counter(), 0
-    epoch_start = time.perf_counter()
+    throughput = utils.Throughput(trainer.device, warmup=max(args.warmup_steps, 1) if args.compile else
+                                  args.warmup_steps)
+    meter, window, bad_files, first_step_time = Meter(dev), Window(), [], None
+    first_bad_step = torch.full((), -1, dtype=torch.int64, device=dev)  # non-finite loss, found without a sync
     last_loss = torch.zeros((), device=dev)
-    stop.steps_done = start_step
+    # One clock reading: the first step line's 'time:' IS first_step_time (the perf summary's CompileTime,
+    # which the original's launcher greps from that line), not a reading taken a context switch earlier.
+    epoch_start = step_end = window.start = time.perf_counter()
     for step, batch in enumerate(loader, start=start_step):
-        if step >= steps_per_epoch:
+        if step >= steps:
             break
+        window.data_time += time.perf_counter() - step_end
         if batch.bad:
-            report_bad_files(batch.bad, bad_files, args)
+            report_bad_files(batch.bad, bad_files, args.max_bad_images)
         n = len(batch.targets)
-        if utils.is_dist() and utils.any_rank(n == 0):
-            # DDP's gradient all-reduce pairs up across ranks: if a rank's whole local batch was unreadable,
-            # all ranks skip the step together (else they fall out of step and hang until --dist-timeout).
+        # One small collective per step: a rank with fewer than 2 images (BatchNorm cannot train on one when the
+        # last feature map is 1x1) makes all ranks skip the step together, as DDP's all-reduce pairs them up;
+        # and a stop signal on any rank reaches all.
+        skip, stop_now = utils.any_rank(n < 2, stop.requested) if utils.is_dist() else (n < 2, stop.requested)
+        if skip:
+            if n == 1:  # (a batch of 0 readable images has had its files named already)
+                warn(f"epoch {epoch} step {step + 1}: skipped a batch of 1 readable image (training needs 2)")
             n = 0
-        if n:
-            images = t.normalize(batch.images)
-            targets = batch.targets.to(dev, non_blocking=True)
-            loss_targets = targets
-            if t.mixup.enabled:
-                images, loss_targets = t.mixup(images, targets)
-            set_lr(t.optimizer, learning_rate(args, epoch + step / steps_per_epoch))
-            with t.amp.autocast():
-                output = t.model(images)
-                loss = t.criterion(output, loss_targets)
-            # Record the first step with a non-finite loss without a host sync; checked at print time.
-            bad_now = ~torch.isfinite(loss.detach())
-            first_bad_step.copy_(torch.where(bad_now & (first_bad_step < 0), step, first_bad_step))
-            t.optimizer.zero_grad(set_to_none=True)
-            t.amp.backward_and_step(loss, t.optimizer, t.model.parameters(), args.clip_grad_norm)
-            if t.ema is not None and (step + 1) % args.model_ema_steps == 0:
-                t.ema.update(t.model_without_ddp)
-            last_loss = loss.detach()
-            counts = utils.accuracy_counts(output.detach(), targets)
-            sums += torch.stack([last_loss.double() * n, counts[0].double(), counts[1].double(),
-                                 torch.full((), n, dtype=torch.float64, device=dev)])  # no H2D copy/sync
-        if args.compile and step == start_step:
-            t.device.synchronize()
-            log(f"Epoch: [{epoch}] first step took {time.perf_counter() - epoch_start:.1f} s (torch.compile "
-                f"compilation; excluded from FPS)")
+        else:
+            lr = learning_rate(args, epoch + step / steps)
+            output, loss, targets = trainer.step(batch.images, batch.targets, lr,
+                                                 update_ema=(step + 1) % args.model_ema_steps == 0)
+            first_bad_step.copy_(torch.where(~torch.isfinite(loss) & (first_bad_step < 0), step, first_bad_step))
+            meter.update(loss * n, output, targets)
+            last_loss = loss
         throughput.step(n)
-        window_images += n
-        stop.steps_done = step + 1
-        if (step + 1) % args.print_freq == 0 or step + 1 == steps_per_epoch:
+        window.steps, window.images = window.steps + 1, window.images + n
+        if step == start_step or (step + 1) % args.print_freq == 0 or step + 1 == steps:
             check_finite(first_bad_step, epoch)
-            t.device.synchronize()
+            trainer.device.synchronize()
             now = time.perf_counter()
-            loss_sum, c1, c5, seen = sums.tolist()
-            eta = (now - epoch_start) / (step + 1 - start_step) * (steps_per_epoch - step - 1)
-            log(f"Epoch: [{epoch}]  [{step + 1:>{len(str(steps_per_epoch))}}/{steps_per_epoch}]  "
-                f"eta: {utils.format_eta(eta)}  lr: {t.optimizer.param_groups[0]['lr']:.6f}  "
-                f"img/s: {window_images * utils.get_world_size() / (now - window_start):.1f}  "
-                f"loss: {float(last_loss):.4f} ({loss_sum / max(seen, 1):.4f})  "
-                f"acc1: {100 * c1 / max(seen, 1):.3f}  acc5: {100 * c5 / max(seen, 1):.3f}"
-                + (f"  skipped: {int(t.amp.skipped_steps)}" if t.amp.scaler is not None else ""))
-            window_start, window_images = now, 0
-        if stop.should_stop():
+            if step == start_step:
+                first_step_time = now - epoch_start
+                if args.compile:
+                    log(f"Train [{epoch}] first step took {first_step_time:.1f} s (torch.compile compilation; "
+                        f"excluded from FPS)")
+            eta = (now - epoch_start) / (step + 1 - start_step) * (steps - step - 1)
+            log_step(epoch, step, steps, eta, trainer, float(last_loss), meter.read(), window.fields(now))
+            window = Window()
+        if stop_now:
             check_finite(first_bad_step, epoch)
-            raise Preempted()
+            raise Preempted(step + 1)
+        step_end = time.perf_counter()
     check_finite(first_bad_step, epoch)
-    fps = report_throughput(throughput, epoch, args)
+    fps = report_throughput(throughput, epoch, args.synthetic)
+    loss_mean, acc1, acc5, seen = meter.read(all_ranks=True)
+    n_bad = int(utils.all_reduce([len(bad_files)])[0])
     elapsed = time.perf_counter() - epoch_start
-    loss_sum, c1, c5, seen = utils.all_reduce_sum(sums.tolist(), dev)
-    n_bad = int(utils.all_reduce_sum([len(bad_files)], dev)[0])
-    log(f"Epoch: [{epoch}] done in {utils.format_eta(elapsed)}: train loss {loss_sum / max(seen, 1):.4f}  "
-        f"acc1 {100 * c1 / max(seen, 1):.3f}  images {int(seen)}  unreadable images {n_bad}")
-    if t.amp.scaler is not None and int(t.amp.skipped_steps):
-        log(f"Epoch: [{epoch}] {int(t.amp.skipped_steps)} steps skipped so far for fp16 gradient overflow "
-            f"(loss scale now {t.amp.current_scale():g})")
-    return {"lr": t.optimizer.param_groups[0]["lr"], "train_loss": loss_sum / max(seen, 1),
-            "train_acc1": 100 * c1 / max(seen, 1), "train_acc5": 100 * c5 / max(seen, 1),
-            "fps": fps, "epoch_time": elapsed, "images": int(seen), "unreadable_images": n_bad}
+    log(f"Train [{epoch}] done in {utils.format_eta(elapsed)}: train loss {loss_mean:.4f}  acc1 {acc1:.3f}  "
+        f"images {seen}  unreadable images {n_bad}")
+    if trainer.amp.scaler is not None and int(trainer.amp.skipped_steps):
+        log(f"Train [{epoch}] {int(trainer.amp.skipped_steps)} steps skipped so far for fp16 gradient overflow "
+            f"(loss scale now {trainer.amp.current_scale():g})")
+    return {"lr": trainer.optimizer.param_groups[0]["lr"], "train_loss": loss_mean, "train_acc1": acc1,
+            "train_acc5": acc5, "fps": fps, "epoch_time": elapsed, "images": seen, "unreadable_images": n_bad,
+            "last_loss": float(last_loss), "first_step_time": first_step_time}
 
 
-def report_throughput(throughput, epoch, args):
+def log_step(epoch, step, steps, eta, trainer, last_loss, totals, window):
+    """The step line, in the original's MetricLogger layout, so its launchers' greps keep working: only these
+    lines hold 'Epoch:' and 'eta:'; img/s is this rank's wall-clock rate since the previous line (data loading
+    included), time: the seconds per step and data: the seconds per step spent waiting for the loader."""
+    loss_mean, acc1, acc5, _ = totals
+    images_per_s, step_time, data_time = window
+    fields = [f"Epoch: [{epoch}]", f"[{step + 1:>{len(str(steps))}}/{steps}]", f"eta: {utils.format_eta(eta)}",
+              f"lr: {trainer.optimizer.param_groups[0]['lr']:.6f}", f"img/s: {images_per_s:.1f}",
+              f"loss: {last_loss:.4f} ({loss_mean:.4f})", f"acc1: {acc1:.3f}", f"acc5: {acc5:.3f}",
+              f"time: {step_time:.4f}", f"data: {data_time:.4f}"]
+    if trainer.amp.scaler is not None:
+        fields.append(f"skipped: {int(trainer.amp.skipped_steps)}")
+    log("  ".join(fields))
+
+
+def report_throughput(throughput, epoch, synthetic):
     """Log and return the epoch's global steady-state img/s: all ranks' images over the slowest rank's window."""
     if throughput.finish() is None:
-        log(f"Epoch: [{epoch}] FPS: n/a (fewer than {args.warmup_steps + 1} steps; lower --warmup-steps)")
+        log(f"Train [{epoch}] FPS: n/a (fewer than {throughput.warmup + 1} steps; lower --warmup-steps)")
         return None
-    window = throughput.end - throughput.start
-    images_all = utils.all_reduce_sum([throughput.images], throughput.device.torch_device)[0]
-    if utils.is_dist():
-        t = torch.tensor([window], dtype=torch.float64, device=throughput.device.torch_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        window = t.item()
+    images_all = utils.all_reduce([throughput.images])[0]
+    window = utils.all_reduce([throughput.end - throughput.start], op="max")[0]
     fps = images_all / window
-    log(f"Epoch: [{epoch}] FPS: {fps:.2f} img/s (steady state: steps {throughput.first_step}-{throughput.steps} "
+    log(f"Train [{epoch}] FPS: {fps:.2f} img/s (steady state: steps {throughput.first_step}-{throughput.steps} "
         f"of {throughput.steps}, {int(images_all)} images in {window:.2f} s, all ranks, data loading "
-        f"{'excluded (synthetic)' if args.synthetic else 'included'})")
+        f"{'excluded (synthetic)' if synthetic else 'included'})")
     return fps
 
 
-def report_bad_files(bad, seen_so_far, args):
+def report_bad_files(bad, seen_so_far, max_bad_images):
     for path, reason in bad:
-        print(f"WARNING: skipped unreadable image {path} ({reason})", file=sys.stderr, flush=True)
+        warn(f"skipped unreadable image {path} ({reason})")
     seen_so_far.extend(bad)
-    if len(seen_so_far) > args.max_bad_images:
-        raise UserError(f"more than --max-bad-images {args.max_bad_images} unreadable training images "
+    if len(seen_so_far) > max_bad_images:
+        raise UserError(f"more than --max-bad-images {max_bad_images} unreadable training images "
                         f"(latest: {bad[-1][0]}); fix the dataset or raise the limit")
 
 
@@ -725,65 +605,67 @@ def check_finite(first_bad_step, epoch):
 # Evaluation: exact over the whole validation set
 # ----------------------------------------------------------------------------
 
+def evaluate_all(trainer, loader, print_freq):
+    """The model's validation metrics, then the EMA's as ema_*; {} without a validation set."""
+    if loader is None:
+        return {}
+    stats = evaluate(trainer.model_without_ddp, loader, trainer, print_freq)
+    if trainer.ema is not None:
+        stats.update({f"ema_{k}": v for k, v in evaluate(trainer.ema.module, loader, trainer, print_freq,
+                                                         "EMA ").items()})
+    return stats
+
+
 @torch.no_grad()
-def evaluate(model, loader, t, args, log_prefix=""):
+def evaluate(model, loader, trainer, print_freq, log_prefix=""):
     """Loss, Acc@1 and Acc@5 over the whole validation set: every image counted once, summed over ranks."""
     model.eval()
-    dev = t.device.torch_device
-    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # loss*n, correct@1, correct@5, n
-    criterion = nn.CrossEntropyLoss(reduction="sum")
-    n_bad = 0
-    start = time.perf_counter()
+    meter, criterion, n_bad, start = Meter(trainer.device.torch_device), nn.CrossEntropyLoss(reduction="sum"), 0, \
+        time.perf_counter()
     for step, batch in enumerate(loader):
-        if batch.bad:
-            for path, reason in batch.bad:
-                print(f"WARNING: skipped unreadable validation image {path} ({reason})", file=sys.stderr, flush=True)
-            n_bad += len(batch.bad)
+        for path, reason in batch.bad:
+            warn(f"skipped unreadable validation image {path} ({reason})")
+        n_bad += len(batch.bad)
         if not len(batch.targets):
             continue
-        images = t.normalize(batch.images)
-        targets = batch.targets.to(dev, non_blocking=True)
-        with t.amp.autocast():
+        images = trainer.normalize(batch.images)
+        targets = batch.targets.to(trainer.device.torch_device, non_blocking=True)
+        with trainer.amp.autocast():
             output = model(images)
-        counts = utils.accuracy_counts(output, targets)
-        sums += torch.stack([criterion(output.float(), targets).double(), counts[0].double(), counts[1].double(),
-                             torch.full((), len(targets), dtype=torch.float64, device=dev)])
-        if (step + 1) % args.print_freq == 0:
+        meter.update(criterion(output.float(), targets), output, targets)
+        if (step + 1) % print_freq == 0:
             log(f"Test: {log_prefix}[{step + 1}/{len(loader)}]")
-    loss_sum, c1, c5, n = utils.all_reduce_sum(sums.tolist(), dev)
-    n_bad = int(utils.all_reduce_sum([n_bad], dev)[0])
-    acc1, acc5 = 100 * c1 / max(n, 1), 100 * c5 / max(n, 1)
-    log(f"Test: {log_prefix}loss {loss_sum / max(n, 1):.4f}, {int(n)} images in {time.perf_counter() - start:.1f} s")
-    log(f" * {log_prefix}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({int(n)} images"
+    loss, acc1, acc5, n = meter.read(all_ranks=True)
+    n_bad = int(utils.all_reduce([n_bad])[0])
+    log(f"Test: {log_prefix}loss {loss:.4f}, {n} images in {time.perf_counter() - start:.1f} s")
+    log(f" * {log_prefix}Acc@1 {acc1:.3f} Acc@5 {acc5:.3f} ({n} images"
         + (f", {n_bad} unreadable skipped)" if n_bad else ")"))
-    return {"acc1": acc1, "acc5": acc5, "loss": loss_sum / max(n, 1), "images": int(n),
-            "time": time.perf_counter() - start}
+    return {"acc1": acc1, "acc5": acc5, "loss": loss, "images": n, "time": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------
 
-def run(argv=None):
-    """Entry point: known failures become one line on stderr and a meaningful exit code."""
-    args = get_args_parser().parse_args(argv)
-    if args.log_file:
-        env = utils.launcher_env()
-        path = args.log_file.replace("{rank}", str(env[0] if env else 0))
+def open_log_file(args):
+    """--log-file: mirror this process's output into it ({rank} becomes the global rank)."""
+    rank = utils.launcher_env(args.distributed, args.dist_rank, args.world_size).rank
+    path = args.log_file.replace("{rank}", str(rank))
+    try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         utils.tee_stdout_to(path)
-    code = 0
+    except OSError as e:
+        raise UserError(f"--log-file {path}: cannot write there ({e.strerror or e})") from None
+
+
+def run(argv=None):
+    """Entry point: known failures become one line on stderr and a meaningful exit code (cli.py)."""
+    args = get_args_parser().parse_args(argv)
+    code = 1
     try:
-        code = main(args)
-    except (UserError, data_lib.DataError, DeviceError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_USER_ERROR
-    except NumericalError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = EXIT_NUMERICAL_ERROR
+        code = run_tool(lambda a: (open_log_file(a) if a.log_file else None) or main(a), args)
     except Exception:
         if not utils.is_dist():
             raise  # a bug or an unexpected failure: keep the full traceback
         traceback.print_exc()
-        code = 1
     finally:
         if utils.is_dist():
             if code:  # a failing rank must not leave its peers waiting in a collective: torchrun stops them

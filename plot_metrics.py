@@ -21,7 +21,8 @@ def get_args_parser():
     p = argparse.ArgumentParser(description="Plot loss / accuracy / lr curves from main.py's metrics.jsonl")
     p.add_argument("metrics", metavar="METRICS_JSONL", help="<output-dir>/metrics.jsonl of a main.py run")
     p.add_argument("-o", "--output", default=None, help="PNG to write (default: <metrics folder>/metrics_curves.png)")
-    p.add_argument("--title", default=None, help="figure title (default: the metrics file's folder)")
+    p.add_argument("--title", default=None,
+                   help="figure title (default: the run's model, batch and ranks from run.json, else its folder)")
     return p
 
 
@@ -83,9 +84,12 @@ def plot(records, output, title):
             ax.legend()
         else:
             ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
-    _, lrs = series(records, "lr")
-    if lrs and min(lrs) > 0 and max(lrs) / min(lrs) >= 10:
-        ax_lr.set_yscale("log")
+    # Log scales where values span decades: epoch 0's val loss of a fresh model (60 and more) would flatten
+    # every later epoch on a linear axis; step decays divide the LR by 10.
+    for ax, keys in ((ax_loss, ("train_loss", "val_loss")), (ax_lr, ("lr",))):
+        values = [v for key in keys for v in series(records, key)[1]]
+        if values and min(values) > 0 and max(values) / min(values) >= 10:
+            ax.set_yscale("log")
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.xaxis.get_major_locator().set_params(integer=True)
     fig.suptitle(title)
@@ -95,6 +99,20 @@ def plot(records, output, title):
     plt.close(fig)
 
 
+def run_name(metrics_path):
+    """What the run is called: from run.json beside the metrics (model, batch, ranks), else its folder; a
+    launcher's rank folder ("0") is named with its parent ("output/0")."""
+    folder = os.path.dirname(os.path.abspath(metrics_path))
+    try:
+        with open(os.path.join(folder, "run.json")) as f:
+            run = json.load(f)
+        return f"{run['network']}_bs{run['batch_size']}_{run['world_size']}p"
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    name = os.path.basename(folder)
+    return os.path.join(os.path.basename(os.path.dirname(folder)), name) if name.isdigit() else name
+
+
 def main(args):
     records = read_metrics(args.metrics)
     try:
@@ -102,8 +120,8 @@ def main(args):
     except ImportError:
         raise UserError("plot_metrics.py needs matplotlib: pip install matplotlib")
     output = args.output or os.path.join(os.path.dirname(os.path.abspath(args.metrics)), "metrics_curves.png")
-    title = args.title or f"{os.path.basename(os.path.dirname(os.path.abspath(args.metrics)))}: " \
-                          f"{len(records)} epochs ({records[0]['epoch']}-{records[-1]['epoch']})"
+    title = args.title or f"{run_name(args.metrics)}: {len(records)} epochs " \
+                          f"({records[0]['epoch']}-{records[-1]['epoch']})"
     plot(records, output, title)
     print(f"Wrote {output} ({len(records)} epochs)")
     return 0

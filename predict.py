@@ -26,8 +26,8 @@ from PIL import Image
 
 import data as data_lib
 import densenet
-import utils
-from device import DeviceError, resolve_device
+import checkpoint
+from device import DEVICE_TYPES, place_model, resolve_device
 from cli import UserError, run_tool
 RAW_WEIGHTS_PREPROCESSING = {"val_resize_size": 256, "val_crop_size": 224, "interpolation": "bilinear"}
 
@@ -38,7 +38,7 @@ def get_args_parser():
     p.add_argument("--weights", required=True, help="our checkpoint (model_best.pth, ...) or a torchvision .pth")
     p.add_argument("--model", default=None, choices=sorted(densenet.MODELS),
                    help="architecture (default: the checkpoint's, else whichever DenseNet the weights fit)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "npu"],
+    p.add_argument("--device", default="auto", choices=DEVICE_TYPES,
                    help="default auto: npu, else cuda, else cpu")
     p.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default 32)")
     p.add_argument("--topk", type=int, default=5, help="how many classes to report per image (default 5)")
@@ -178,24 +178,21 @@ def main(args):
     for s in skipped:
         print(f"warning: skipped {s['path']}: {s['reason']}", file=sys.stderr, flush=True)
 
-    model, checkpoint, name = utils.build_model_from_weights(args.weights, args.model)
+    model, saved, name = checkpoint.build_model_from_weights(args.weights, args.model)
     num_classes = model.classifier.out_features
-    classes = checkpoint.get("classes")
+    classes = saved.get("classes")
     if args.class_index:
         class_names = load_class_names(args.class_index, num_classes)
     elif isinstance(classes, (list, tuple)) and len(classes) == num_classes:
         class_names = [str(c) for c in classes]
     else:
         class_names = [str(i) for i in range(num_classes)]
-    ckpt_args = checkpoint.get("args") if isinstance(checkpoint.get("args"), dict) else {}
+    ckpt_args = checkpoint.saved_config(saved)
     prep = {k: ckpt_args.get(k) or default for k, default in RAW_WEIGHTS_PREPROCESSING.items()}
 
     device = resolve_device(args.device)
-    channels_last = device.type in ("cuda", "cpu")  # as main.py
-    model.to(device.torch_device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    normalize = data_lib.DeviceNormalize(device.torch_device, channels_last)
+    model = place_model(model, device, device.channels_last_default)
+    normalize = data_lib.DeviceNormalize(device.torch_device, device.channels_last_default)
     transform = data_lib.eval_transform(prep["val_resize_size"], prep["val_crop_size"], prep["interpolation"])
     workers = args.workers if args.workers is not None else (
         data_lib.default_workers() if len(files) > args.batch_size else 0)
@@ -232,7 +229,7 @@ def main(args):
 
 
 def run(argv=None):
-    return run_tool(main, get_args_parser().parse_args(argv), expected=(DeviceError,))
+    return run_tool(main, get_args_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

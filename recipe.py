@@ -1,37 +1,12 @@
-"""Training-recipe parts beyond the reference's plain SGD: stronger augmentation, mixup/cutmix, EMA.
+"""Training-recipe parts beyond the reference's plain SGD that act on batches and weights: mixup/cutmix and
+the model EMA. (The per-image augmentations, --auto-augment and --random-erase, are in data.py.)
 
 Names and semantics follow torchvision's classification reference scripts
-(--auto-augment, --random-erase, --mixup-alpha, --cutmix-alpha, --model-ema*),
-so recipes written for those scripts carry over.
+(--mixup-alpha, --cutmix-alpha, --model-ema*), so recipes written for those scripts carry over.
 """
 import copy
 
 import torch
-from torchvision import transforms
-
-from data import IMAGENET_MEAN
-
-AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet")
-
-
-def auto_augment_transform(policy, interpolation, magnitude=9, severity=3):
-    """The PIL-level augmentation named by --auto-augment (applied after crop and flip, before PILToTensor)."""
-    if policy == "ra":
-        return transforms.RandAugment(interpolation=interpolation, magnitude=magnitude)
-    if policy == "ta_wide":
-        return transforms.TrivialAugmentWide(interpolation=interpolation)
-    if policy == "augmix":
-        return transforms.AugMix(interpolation=interpolation, severity=severity)
-    if policy == "imagenet":
-        return transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET, interpolation=interpolation)
-    raise ValueError(f"unknown --auto-augment {policy!r}; choose from {', '.join(AUTO_AUGMENT)}")
-
-
-def random_erasing(p):
-    """RandomErasing on the uint8 tensor; erased pixels get the mean colour, i.e. 0 after normalisation,
-    which is what torchvision's reference gets by erasing the normalised tensor with 0."""
-    mean_pixel = tuple(round(255 * m) for m in IMAGENET_MEAN)
-    return transforms.RandomErasing(p=p, value=mean_pixel)
 
 
 class MixupCutmix:
@@ -43,11 +18,10 @@ class MixupCutmix:
     checkpoints save and restore, so resumed runs mix identically.
     """
 
-    def __init__(self, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.0):
+    def __init__(self, num_classes, mixup_alpha=0.0, cutmix_alpha=0.0):
         self.num_classes = num_classes
         self.mixup_alpha = mixup_alpha
         self.cutmix_alpha = cutmix_alpha
-        self.label_smoothing = label_smoothing
 
     @property
     def enabled(self):
@@ -86,11 +60,18 @@ class ModelEma(torch.nn.Module):
     global batch of 1024 updating every 32 steps over 600 epochs; it is adjusted
     for this run's batch, update interval and length (see ema_decay_for_run).
     BatchNorm running statistics are copied, not averaged, as they are already averages.
+
+    The EMA is kept in fp32 whatever the model's dtype: under apex O2 the model is fp16, and an update of
+    (1 - decay) * (model - ema) ~ 1e-3 of a weight near 1 is below fp16's resolution there (~5e-4 to 1e-3):
+    an fp16 EMA would never move.
     """
 
     def __init__(self, model, decay):
         super().__init__()
-        self.module = copy.deepcopy(model).eval()
+        self.module = copy.deepcopy(model).float().eval()
+        # apex O2 patches the instance's forward (cast inputs to fp16, outputs to fp32) with a closure over the
+        # ORIGINAL model: a deep copy would keep calling the trained model, not the average. Use the class's.
+        self.module.__dict__.pop("forward", None)
         for p in self.module.parameters():
             p.requires_grad_(False)
         self.decay = decay
@@ -99,7 +80,7 @@ class ModelEma(torch.nn.Module):
     @torch.no_grad()
     def update(self, model):
         ema_params = list(self.module.parameters())
-        model_params = [p.detach() for p in model.parameters()]
+        model_params = [p.detach().float() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, model_params, 1.0 - self.decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)

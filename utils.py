@@ -1,19 +1,20 @@
-"""Metrics, logging, distributed and checkpoint helpers shared by main.py and the tools."""
+"""Distributed helpers, logging, throughput, RNG state and metrics files, shared by main.py and the tools.
+Checkpoints and weight files are in checkpoint.py; everything device-specific is in device.py."""
 import datetime
 import io
+import json
 import os
 import pickle
 import random
 import sys
-import tempfile
 import time
-from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from cli import UserError  # noqa: F401  (re-exported: utils.UserError is what the modules raise)
+from cli import UserError
 
 
 # ----------------------------------------------------------------------------
@@ -41,39 +42,72 @@ def is_main_process():
     return get_rank() == 0
 
 
-def launcher_env():
-    """(rank, local_rank, world_size) from torchrun's variables, or the reference's RANK_ID/RANK_SIZE, or None."""
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, as its launcher described it."""
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    style: str  # "torchrun" | "rank_id" (the Ascend original's RANK_ID/RANK_SIZE) | "single"
+
+
+# The Ascend original's train.py rendezvous, used when RANK_ID/RANK_SIZE launches set no MASTER_ADDR/PORT.
+ORIGINAL_MASTER_ADDR, ORIGINAL_MASTER_PORT = "127.0.0.1", "29688"
+
+
+def launcher_env(distributed_flag=False, node_rank=0, nodes=1):
+    """This process's Launch from the environment.
+
+    torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (and LOCAL_WORLD_SIZE). The Ascend original starts one
+    process per device by hand with RANK_ID (the device's index on its node) and RANK_SIZE (processes per
+    node) and --distributed; on several machines it adds --dist_rank (this node's index) and --world-size
+    (the number of nodes), which are `node_rank` and `nodes` here. As in the original, RANK_ID/RANK_SIZE
+    count only with --distributed (`distributed_flag`): a RANK_SIZE left in the environment of a
+    1-device run changes nothing."""
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), int(env["WORLD_SIZE"])
-    if "RANK_ID" in env and "RANK_SIZE" in env and "MASTER_ADDR" in env:
-        rank = int(env["RANK_ID"])
-        return rank, int(env.get("LOCAL_RANK", rank)), int(env["RANK_SIZE"])
-    return None
+        world = int(env["WORLD_SIZE"])
+        return Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), world,
+                      int(env.get("LOCAL_WORLD_SIZE", world)), "torchrun")
+    if distributed_flag and "RANK_ID" in env and "RANK_SIZE" in env:
+        local_rank, per_node = int(env["RANK_ID"]), int(env["RANK_SIZE"])
+        nodes = nodes or 1
+        return Launch(node_rank * per_node + local_rank, local_rank, nodes * per_node, per_node, "rank_id")
+    return Launch(0, 0, 1, 1, "single")
 
 
-def init_distributed(args, device):
-    """Join the process group that torchrun (or the reference's RANK_ID/RANK_SIZE) describes."""
-    rank, _, world_size = args.rank, args.local_rank, args.world_size
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    backend = args.dist_backend or device.dist_backend
-    timeout = datetime.timedelta(seconds=args.dist_timeout)
+def init_distributed(launch, device, backend, dist_url="env://", timeout_s=600):
+    """Join the process group of `launch` and create the gloo control group.
+
+    The rendezvous: torchrun's store under torchrun; MASTER_ADDR/MASTER_PORT for the original's RANK_ID
+    launches, or the original's fixed 127.0.0.1:29688 when those are unset."""
+    if launch.style == "rank_id":
+        os.environ.setdefault("MASTER_ADDR", ORIGINAL_MASTER_ADDR)
+        os.environ.setdefault("MASTER_PORT", ORIGINAL_MASTER_PORT)
+    timeout = datetime.timedelta(seconds=timeout_s)
     init_kwargs = {}
-    if device.is_accelerator and backend in ("nccl", "hccl"):
-        init_kwargs["device_id"] = device.torch_device  # binds the communicator eagerly to our device
+    if device.is_accelerator and backend == "nccl":
+        # Binds the communicator eagerly to our GPU. Only for NCCL: a default group bound to an NPU makes every
+        # later group (our gloo control group included) look for a backend for "npu", and gloo has none.
+        init_kwargs["device_id"] = device.torch_device
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if dist_url == "env://" else dist_url
+    if launch.rank == 0 or launch.style != "torchrun":
+        # Before a join that can wait for --dist-timeout: a launch missing its peers must not look hung.
+        print(f"Joining the process group: rank {launch.rank} of {launch.world_size}, {backend}, rendezvous at "
+              f"{where} (waiting up to {timeout_s} s for all {launch.world_size} processes)", flush=True)
     try:
-        if args.dist_url == "env://" and "TORCHELASTIC_RESTART_COUNT" in os.environ:  # under torchrun
-            init_kwargs["store"] = elastic_attempt_store(rank, world_size, timeout)
+        if dist_url == "env://" and "TORCHELASTIC_RESTART_COUNT" in os.environ:  # under torchrun
+            init_kwargs["store"] = elastic_attempt_store(launch.rank, launch.world_size, timeout)
         else:
-            init_kwargs["init_method"] = args.dist_url
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size, timeout=timeout, **init_kwargs)
+            init_kwargs["init_method"] = dist_url
+        dist.init_process_group(backend=backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout,
+                                **init_kwargs)
         global _control_group
         _control_group = dist.new_group(backend="gloo")
     except Exception as e:
-        raise UserError(f"could not join the process group ({backend}, {args.dist_url}, rank {rank}/{world_size}): "
-                        f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
-    return backend
+        raise UserError(f"could not join the process group ({backend}, {where}, rank {launch.rank}/"
+                        f"{launch.world_size}): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
 
 
 def elastic_attempt_store(rank, world_size, timeout):
@@ -99,13 +133,14 @@ def cleanup_distributed():
     _control_group = None
 
 
-def any_rank(flag):
-    """True on every rank if `flag` is true on any rank."""
+def any_rank(*flags):
+    """For each flag, True on every rank if it is true on any rank: one small collective for all of them."""
     if not is_dist():
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0])
+        return tuple(bool(f) for f in flags) if len(flags) > 1 else bool(flags[0])
+    t = torch.tensor([1 if f else 0 for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
-    return bool(t.item())
+    out = tuple(bool(x) for x in t.tolist())
+    return out if len(flags) > 1 else out[0]
 
 
 def broadcast_from_main(obj):
@@ -126,11 +161,12 @@ def gather_to_main(obj):
     return gathered
 
 
-def all_reduce_sum(values, device):
-    """Sum a list of numbers over all ranks (float64, so image counts stay exact)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_reduce(values, op="sum"):
+    """Sum (or max) a list of host numbers over all ranks, in float64 on the host: image counts stay exact,
+    and no device needs float64 (Ascend NPUs and HCCL have none)."""
+    t = torch.tensor(values, dtype=torch.float64)
     if is_dist():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=_control_group)
     return t.tolist()
 
 
@@ -139,16 +175,23 @@ def all_reduce_sum(values, device):
 # ----------------------------------------------------------------------------
 
 def accuracy_counts(output, target, topk=(1, 5)):
-    """Number of correct top-k predictions for each k, as a device tensor (no host sync)."""
+    """[correct top-k for each k..., images] as an int64 device tensor (no host sync)."""
     maxk = min(max(topk), output.shape[1])
     pred = output.topk(maxk, dim=1).indices
     correct = pred.eq(target.view(-1, 1))
-    return torch.stack([correct[:, :min(k, maxk)].any(dim=1).sum() for k in topk])
+    return torch.stack([*(correct[:, :min(k, maxk)].any(dim=1).sum() for k in topk),
+                        torch.full((), target.shape[0], dtype=torch.int64, device=target.device)])
 
 
-def log(*parts, all_ranks=False):
-    if all_ranks or is_main_process():
+def log(*parts):
+    """Print on rank 0 only (the other ranks' logs hold their warnings)."""
+    if is_main_process():
         print(*parts, flush=True)
+
+
+def warn(message):
+    """A warning on this rank's stderr (and its --log-file)."""
+    print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
 def format_eta(seconds):
@@ -212,174 +255,41 @@ def rng_state(device):
     }
     if device.is_accelerator:
         state["device"] = device.module().get_rng_state(device.index)
+        state["device_type"] = device.type
     return state
 
 
 def set_rng_state(state, device):
+    """Restore rng_state's states. The accelerator's generator only from a checkpoint of the same device type:
+    a CUDA generator's state means nothing to an NPU's (and a CPU run has no such generator)."""
     random.setstate(pickle.loads(state["python"]))
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if device.is_accelerator and "device" in state:
+    if device.is_accelerator and "device" in state and state.get("device_type") == device.type:
         device.module().set_rng_state(state["device"], device.index)
 
 
 # ----------------------------------------------------------------------------
-# Checkpoints
+# Metrics files
 # ----------------------------------------------------------------------------
-
-def remove_stale_temp_files(folder):
-    """Delete temporary checkpoint files left by a process killed mid-write (they are never valid checkpoints)."""
-    if not folder or not os.path.isdir(folder):
-        return
-    for name in os.listdir(folder):
-        if name.startswith(".") and name.endswith(".tmp") and ".pth." in name:
-            try:
-                os.remove(os.path.join(folder, name))
-            except OSError:
-                pass
-
-
-def save_atomic(obj, path):
-    """torch.save that never leaves a half-written file at `path`.
-
-    Write to a temporary file in the same folder, flush and fsync it, then rename
-    over the target (atomic on POSIX) and fsync the folder so the rename itself
-    survives a power cut. A crash at any point leaves the previous file intact.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_safe(path, map_location="cpu"):
-    """torch.load with weights_only=True: tensors and plain data only, no code from the file ever runs."""
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such file")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "weights only" in str(e).lower() or "weights_only" in str(e):
-            raise UserError(f"{path}: refused to load: it needs arbitrary unpickling, which could run code "
-                            f"(only tensors and plain data are accepted)")
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another file type)")
-    except Exception:
-        raise UserError(f"{path}: not a readable PyTorch checkpoint (truncated, corrupt or another file type)")
-
-
-def extract_state_dict(checkpoint):
-    """A model state_dict from our checkpoints ({'model': ...}), other trainers' ({'state_dict': ...})
-    or a raw state_dict, with any DataParallel/DDP 'module.' prefix removed."""
-    if isinstance(checkpoint, dict):
-        for key in ("model", "state_dict", "model_state_dict"):
-            if key in checkpoint and isinstance(checkpoint[key], dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(torch.is_tensor(v) for v in checkpoint.values()):
-        raise UserError("file holds no model state_dict (expected a dict of tensors, or {'model': ...})")
-    return OrderedDict((k[len("module."):] if k.startswith("module.") else k, v) for k, v in checkpoint.items())
-
-
-def describe_mismatch(model, state_dict, limit=4):
-    """One line saying which keys/shapes differ between a model and a state_dict (None if they match)."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
-    shapes = [f"{k}: {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in expected.items() if k in state_dict and state_dict[k].shape != v.shape]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing keys (e.g. {', '.join(missing[:limit])})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected keys (e.g. {', '.join(unexpected[:limit])})")
-    if shapes:
-        parts.append(f"{len(shapes)} shape mismatches (e.g. {'; '.join(shapes[:limit])})")
-    return "; ".join(parts) or None
-
-
-def read_weights(path, checkpoint=None):
-    """(state_dict, checkpoint) from any weights file we accept -- our checkpoints, other trainers'
-    ({'state_dict': ...}) or a raw torchvision state_dict -- with 'module.' prefixes removed and legacy
-    'norm.1'-style keys renamed. `checkpoint` is the whole dict (classes, args, ...), {} for a raw state_dict.
-    Pass `checkpoint` when the file is loaded already. Shared by main.py (--pretrained, --resume),
-    export_onnx.py and predict.py."""
-    import densenet
-    if checkpoint is None:
-        checkpoint = load_safe(path)
-    try:
-        state_dict = extract_state_dict(checkpoint)
-    except UserError as e:
-        raise UserError(f"{path}: {e}") from None
-    is_raw = all(torch.is_tensor(v) for v in checkpoint.values())
-    return densenet.convert_legacy_keys(state_dict), ({} if is_raw else checkpoint)
-
-
-def build_model_from_weights(path, model_name=None, num_classes=None):
-    """The model a weights file holds, in eval mode on the CPU: (model, checkpoint, model_name).
-
-    Architecture: `model_name` if given, else the checkpoint's args['model'], else whichever DenseNet the
-    keys and shapes fit (densenet201 first). Classes: from the classifier's shape (`num_classes`, if given,
-    must agree). Raises UserError with a one-line reason when the file does not fit."""
-    import densenet
-    state_dict, checkpoint = read_weights(path)
-    if "classifier.weight" not in state_dict:
-        raise UserError(f"{path}: no classifier.weight in the weights: not a DenseNet state_dict")
-    weight_classes = state_dict["classifier.weight"].shape[0]
-    if num_classes is not None and num_classes != weight_classes:
-        raise UserError(f"{path}: the classifier has {weight_classes} classes, not --num-classes {num_classes}")
-    recorded = checkpoint.get("args", {}).get("model") if isinstance(checkpoint.get("args"), dict) else None
-    recorded = recorded if recorded in densenet.MODELS else None
-    first = model_name or recorded or "densenet201"
-    candidates = [first] + ([] if model_name else [n for n in sorted(densenet.MODELS) if n != first])
-    mismatch = None
-    for name in candidates:
-        with torch.device("meta"):  # no memory, no init: the weights are assigned below
-            model = densenet.build_model(name, num_classes=weight_classes)
-        problem = describe_mismatch(model, state_dict)
-        if problem is None:
-            model.load_state_dict(state_dict, strict=True, assign=True)
-            return model.float().eval(), checkpoint, name  # float(): weights saved in fp16 run in fp32 here
-        mismatch = mismatch or problem
-    raise UserError(f"{path} does not fit " + (f"--model {model_name}: {mismatch}" if model_name else
-                                                f"any of {', '.join(sorted(densenet.MODELS))} ({first}: {mismatch})"))
-
-
-def args_to_dict(args):
-    """argparse.Namespace -> plain dict, safe for weights_only loading."""
-    out = {}
-    for k, v in vars(args).items():
-        if k == "classes":
-            continue
-        if v is None or isinstance(v, (bool, int, float, str)):
-            out[k] = v
-        elif isinstance(v, (list, tuple)):
-            out[k] = list(v)
-        else:
-            out[k] = str(v)
-    return out
-
 
 def append_metrics(output_dir, record):
     """One JSON object per epoch in <output-dir>/metrics.jsonl (rank 0 only): easy to plot, grep or load."""
     if not output_dir or not is_main_process():
         return
-    import json
     with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def write_run_description(output_dir, description):
+    """<output-dir>/run.json (rank 0): what the launchers' summary needs besides metrics.jsonl (world size,
+    batch, device, model), as data rather than as words to grep from the log."""
+    if not output_dir or not is_main_process():
+        return
+    with open(os.path.join(output_dir, "run.json"), "w") as f:
+        json.dump(description, f, indent=1)
+        f.write("\n")
 
 
 class TensorBoardLogger:
@@ -399,26 +309,6 @@ class TensorBoardLogger:
 
     def close(self):
         self.writer.close()
-
-
-def find_latest_checkpoint(output_dir):
-    """(path, loaded checkpoint) of the newest checkpoint in output_dir that loads, or (None, None)
-    (for --resume auto)."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return None, None
-    candidates = [os.path.join(output_dir, n) for n in os.listdir(output_dir)
-                  if n.endswith(".pth") and (n == "checkpoint.pth" or n.startswith("model_"))
-                  and n != "model_best.pth"]
-    for path in sorted(candidates, key=os.path.getmtime, reverse=True):
-        try:
-            ckpt = load_safe(path)
-            if isinstance(ckpt, dict) and "model" in ckpt and "epoch" in ckpt:
-                return path, ckpt
-            print(f"WARNING: --resume auto: skipped {path} (not a training checkpoint)", file=sys.stderr, flush=True)
-        except UserError as e:
-            print(f"WARNING: --resume auto: skipped {e}", file=sys.stderr, flush=True)  # corrupt or unsafe
-            continue
-    return None, None
 
 
 def tee_stdout_to(path):

@@ -49,12 +49,21 @@ def image_folder(tmp_path):
     return write_image_folder(tmp_path / "data")
 
 
-def run_main(args, cwd=REPO, env=None, timeout=600):
-    """Run `python main.py ARGS` in a subprocess; returns CompletedProcess with text output."""
-    full_env = dict(os.environ)
+def run_main(args, cwd=REPO, env=None, timeout=600, inherit_env=True):
+    """Run `python main.py ARGS` in a subprocess; returns CompletedProcess with text output.
+
+    env: variables set on top of this process's environment; with inherit_env=False, the child's whole
+    environment (e.g. test_distributed's clean_env(...), which drops launcher variables such as RANK)."""
+    full_env = dict(os.environ) if inherit_env else {}
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def assert_ok(proc):
+    """Exit code 0 and no traceback; on failure the message holds the run's whole stdout and stderr."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def run_script(script, args, env=None, timeout=900):

@@ -8,7 +8,6 @@ Tiny models keep this file to well under a minute of CPU on 2 cores. fp16
 convolution *backward* on CPU is slow (a non-oneDNN path, ~10x bf16), so the
 fp16 end-to-end runs take one step per epoch at batch 2.
 """
-import argparse
 import copy
 import math
 import os
@@ -21,6 +20,8 @@ from PIL import Image
 
 from conftest import SMALL_RUN, assert_one_line_error, run_main, write_image_folder
 import densenet
+import device as device_mod
+import main
 from device import Device, DeviceError, MixedPrecision, build_mixed_precision, build_sgd, parse_loss_scale
 
 CPU = Device("cpu")
@@ -50,15 +51,8 @@ def load_real_batch(root, split="train", size=32):
 
 
 def amp_args(*extra):
-    """The mixed-precision flags exactly as main.py parses them."""
-    p = argparse.ArgumentParser()
-    p.add_argument("--amp", action="store_true")
-    p.add_argument("--apex", action="store_true")
-    p.add_argument("--amp-backend", default="auto", choices=["auto", "apex", "native"])
-    p.add_argument("--amp-dtype", default="auto", choices=["auto", "fp16", "bf16"])
-    p.add_argument("--apex-opt-level", default="O2", choices=["O0", "O1", "O2", "O3"])
-    p.add_argument("--loss_scale_value", default=None)
-    return p.parse_args(list(extra))
+    """The mixed-precision flags exactly as main.py parses them (its own parser and defaults)."""
+    return main.get_args_parser().parse_args(list(extra))
 
 
 def params_of(model):
@@ -98,7 +92,7 @@ def real_batch(tmp_path_factory):
 def test_bf16_autocast_trains_tiny_model_on_real_images(real_batch, tmp_path):
     x, y = real_batch
     model = tiny()
-    mp = MixedPrecision(CPU, True, "native", torch.bfloat16)
+    mp = MixedPrecision(device=CPU, backend="native", dtype=torch.bfloat16)
     assert mp.scaler is None and "bf16" in mp.describe() and "no loss scaling" in mp.describe()
     opt = build_sgd([{"params": list(model.parameters()), "weight_decay": 0.0}], 0.05, 0.9, CPU)
     losses = []
@@ -128,26 +122,63 @@ def test_bf16_autocast_trains_tiny_model_on_real_images(real_batch, tmp_path):
     assert ckpt["amp"] == {"backend": "native", "skipped_steps": 0}
 
 
-def test_amp_auto_dtype_on_this_cpu():
+def _check_amp_auto_dtype(fast_bf16):
     mp = build_mixed_precision(amp_args("--amp"), CPU)
-    expected = torch.bfloat16 if CPU.supports_bf16() else torch.float16
-    assert mp.backend == "native" and mp.dtype == expected
-    if expected == torch.bfloat16:
-        # bf16 ignores a static scale: no scaler at all
-        assert build_mixed_precision(amp_args("--amp", "--loss_scale_value", "128"), CPU).scaler is None
+    if fast_bf16:
+        assert mp.backend == "native" and mp.dtype == torch.bfloat16
+        assert mp.describe().startswith("native torch.autocast(cpu, bf16)")
+        # bf16 ignores a static scale: no scaler at all, and the log says the value is not used
+        scaled = build_mixed_precision(amp_args("--amp", "--loss_scale_value", "128"), CPU)
+        assert scaled.scaler is None and "--loss_scale_value 128 not used" in scaled.describe()
+    else:
+        # emulated bf16 is slower than fp32 on such a CPU: --amp runs fp32 and says so
+        assert mp.backend == "off" and mp.dtype == torch.float32 and mp.scaler is None
+        assert mp.describe().startswith("fp32") and "no native bf16" in mp.describe(), mp.describe()
+        with mp.autocast():
+            assert not torch.is_autocast_enabled("cpu")
+    # --amp-dtype bf16 forces bf16 either way
+    forced = build_mixed_precision(amp_args("--amp", "--amp-dtype", "bf16"), CPU)
+    assert forced.backend == "native" and forced.dtype == torch.bfloat16
+
+
+def test_amp_auto_dtype_on_this_cpu():
+    """Whatever this CPU is: bf16 with native bf16 (AVX512-BF16/AMX, not capped by ONEDNN_MAX_CPU_ISA), else fp32."""
+    fast = bool(torch.backends.mkldnn.is_available()) and device_mod._cpu_has_fast_bf16()
+    assert CPU.supports_bf16() == fast
+    _check_amp_auto_dtype(fast)
+
+
+@pytest.mark.parametrize("fast_bf16", [True, False], ids=["native-bf16", "no-native-bf16"])
+def test_amp_auto_dtype_follows_native_bf16(monkeypatch, fast_bf16):
+    monkeypatch.setattr(device_mod, "_cpu_has_fast_bf16", lambda: fast_bf16)
+    if fast_bf16 and not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch has no oneDNN: no native bf16 path whatever the CPU")
+    assert CPU.supports_bf16() == fast_bf16
+    assert CPU.default_amp_dtype() == (torch.bfloat16 if fast_bf16 else torch.float32)
+    _check_amp_auto_dtype(fast_bf16)
+
+
+def test_onednn_isa_cap_means_no_native_bf16(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert device_mod._cpu_has_fast_bf16() is False
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")  # any case; still below AVX512-BF16
+    assert device_mod._cpu_has_fast_bf16() is False
+    assert not CPU.supports_bf16()
 
 
 def test_bf16_main_run_checkpoint_is_fp32_and_logs_native_amp(tmp_path):
     data = write_image_folder(tmp_path / "data", classes=3, train_per_class=4, val_per_class=1)
     out = tmp_path / "out"
     proc = run_main(["--data-path", data, "--output-dir", str(out), "--model", "densenet121", *SMALL_RUN,
-                     "--epochs", "1", "-b", "4", "--lr", "0.01", "--amp", "--amp-dtype", "bf16"],
+                     "--epochs", "1", "-b", "4", "--lr", "0.01", "--amp", "--amp-dtype", "bf16",
+                     "--apex-opt-level", "O2"],
                     env={"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     log = proc.stdout
     assert "torch.autocast(cpu, bf16)" in log, log
-    # 6. --amp on CPU says native AMP is used, and what the default --apex-opt-level O2 means there.
-    assert "native torch.amp" in log and "apex O2 requested" in log and "fp32 master weights" in log, log
+    # 6. --amp on CPU says native AMP is used, and what the launchers' --apex-opt-level O2 means there.
+    assert "native torch.autocast" in log and "--apex-opt-level O2 means autocast here" in log, log
+    assert "fp32 weights" in log, log
     losses = [float(l.split("loss: ")[1].split()[0]) for l in log.splitlines() if "loss: " in l]
     assert losses and all(math.isfinite(l) for l in losses), log
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
@@ -164,7 +195,7 @@ def test_bf16_main_run_checkpoint_is_fp32_and_logs_native_amp(tmp_path):
 def test_fp16_static_scale_skips_overflow_and_keeps_scale(real_batch):
     x, y = real_batch[0][:8], real_batch[1][:8]
     model = tiny()
-    mp = MixedPrecision(CPU, True, "native", torch.float16, loss_scale=1024.0)
+    mp = MixedPrecision(device=CPU, backend="native", dtype=torch.float16, loss_scale=1024.0)
     assert "static loss scale 1024" in mp.describe()
     assert mp.current_scale() == 1024.0
     opt = build_sgd([{"params": list(model.parameters()), "weight_decay": 0.0}], 0.05, 0.9, CPU)
@@ -190,9 +221,9 @@ def test_fp16_static_scale_skips_overflow_and_keeps_scale(real_batch):
 
 def test_fp16_dynamic_scale_backs_off_and_grows(real_batch):
     x, y = real_batch[0][:8], real_batch[1][:8]
-    assert MixedPrecision(CPU, True, "native", torch.float16).current_scale() == 2.0 ** 16  # GradScaler's default
+    assert MixedPrecision(device=CPU, backend="native", dtype=torch.float16).current_scale() == 2.0 ** 16  # GradScaler's default
     model = tiny()
-    mp = MixedPrecision(CPU, True, "native", torch.float16, loss_scale="dynamic", growth_interval=2)
+    mp = MixedPrecision(device=CPU, backend="native", dtype=torch.float16, loss_scale="dynamic", growth_interval=2)
     assert "dynamic loss scale" in mp.describe()
     # Start from a modest scale (as a resumed run would) so that the clean steps really are clean.
     mp.load_state_dict({"skipped_steps": 0, "scaler": {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
@@ -228,7 +259,7 @@ def test_parse_loss_scale():
 def test_scaler_state_round_trips_through_a_checkpoint(real_batch, tmp_path, loss_scale):
     x, y = real_batch[0][:8], real_batch[1][:8]
     model = tiny()
-    mp = MixedPrecision(CPU, True, "native", torch.float16, loss_scale=loss_scale, growth_interval=3)
+    mp = MixedPrecision(device=CPU, backend="native", dtype=torch.float16, loss_scale=loss_scale, growth_interval=3)
     if loss_scale == "dynamic":
         mp.load_state_dict({"scaler": {"scale": 256.0, "growth_factor": 2.0, "backoff_factor": 0.5,
                                        "growth_interval": 3, "_growth_tracker": 0}})
@@ -238,7 +269,7 @@ def test_scaler_state_round_trips_through_a_checkpoint(real_batch, tmp_path, los
     state = mp.state_dict()
     torch.save({"amp": state}, tmp_path / "c.pth")
     loaded = torch.load(tmp_path / "c.pth", weights_only=True)["amp"]
-    fresh = MixedPrecision(CPU, True, "native", torch.float16, loss_scale=loss_scale, growth_interval=3)
+    fresh = MixedPrecision(device=CPU, backend="native", dtype=torch.float16, loss_scale=loss_scale, growth_interval=3)
     fresh.load_state_dict(loaded)
     assert int(fresh.skipped_steps) == int(mp.skipped_steps) == 1
     assert fresh.current_scale() == mp.current_scale() == (1024.0 if loss_scale != "dynamic" else 128.0)
@@ -258,11 +289,14 @@ def test_fp16_static_scale_saved_and_resumed_end_to_end(tmp_path):
     assert "static loss scale 512" in first.stdout, first.stdout
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["amp"]["scaler"]["scale"] == 512
-    assert ckpt["amp"]["skipped_steps"] >= 0
+    # the checkpoint counts the overflow-skipped steps the step line reported
+    reported = [int(l.rsplit("skipped: ", 1)[1]) for l in first.stdout.splitlines() if "skipped: " in l]
+    assert reported and ckpt["amp"]["skipped_steps"] == reported[-1], first.stdout
 
     second = run_main([*common, "--epochs", "2", "--resume", str(out / "checkpoint.pth")], env=env)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    assert f"Resumed from {out / 'checkpoint.pth'}: epoch 1" in second.stdout, second.stdout
+    assert f"Resumed from {out / 'checkpoint.pth'}: weights after epoch 0; continuing at epoch 1, step 0" in \
+        second.stdout, second.stdout
     assert "Epoch: [1]" in second.stdout and "Epoch: [0]" not in second.stdout, second.stdout
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ckpt["next_epoch"] == 2 and ckpt["amp"]["scaler"]["scale"] == 512
@@ -286,14 +320,28 @@ def small_data(tmp_path_factory):
                               val_per_class=1, size=16)
 
 
-@pytest.mark.skipif(_importable("apex.amp"), reason="apex is installed here")
 @pytest.mark.parametrize("flags", [["--amp", "--amp-backend", "apex"], ["--apex"]], ids=["amp-backend", "apex"])
-def test_apex_missing_is_one_line(small_data, tmp_path, flags):
+def test_apex_on_cpu_is_one_line(small_data, tmp_path, flags):
+    """On the CPU apex is refused before anything else, installed or not."""
     proc = run_main(["--data-path", small_data, "--output-dir", str(tmp_path), "--model", "densenet121",
                      *SMALL_RUN, "--epochs", "1", *flags], env={"OMP_NUM_THREADS": "1"})
-    assert_one_line_error(proc, "apex is not installed")
+    assert_one_line_error(proc, "apex amp runs on NPU/CUDA only")
     line = proc.stderr.strip()
-    assert flags[-1] in line and "github.com/NVIDIA/apex" in line and "gitee.com/ascend/apex" in line, line
+    assert flags[-1] in line and "--amp" in line, line
+
+
+@pytest.mark.parametrize("flags", [["--amp", "--amp-backend", "apex"], ["--apex"]], ids=["amp-backend", "apex"])
+@pytest.mark.parametrize("dev_type", ["npu", "cuda"])
+def test_apex_missing_says_where_to_get_it(monkeypatch, flags, dev_type):
+    monkeypatch.setattr(device_mod, "_import_apex_amp", lambda: None)  # as where apex is not built
+    with pytest.raises(DeviceError) as e:
+        build_mixed_precision(amp_args(*flags), Device(dev_type, 0))
+    line = str(e.value)
+    assert "\n" not in line and flags[-1] in line, line
+    if dev_type == "npu":
+        assert "apex is not installed" in line and "gitee.com/ascend/apex" in line, line
+    else:  # NVIDIA's apex no longer has apex.amp: point to native torch.amp
+        assert "apex.amp is not available" in line and "--amp" in line, line
 
 
 @pytest.mark.skipif(_importable("torch_npu"), reason="torch_npu is installed here")
@@ -333,7 +381,7 @@ def test_apex_amp_backend_where_installed(tmp_path):
     mp = build_mixed_precision(amp_args("--apex", "--apex-opt-level", "O1", "--loss_scale_value", "128"), device)
     assert mp.backend == "apex" and "opt_level=O1" in mp.describe() and "128" in mp.describe()
     model = tiny().to(device.torch_device)
-    opt = build_sgd([{"params": list(model.parameters()), "weight_decay": 0.0}], 0.05, 0.9, device, use_apex=True)
+    opt = build_sgd([{"params": list(model.parameters()), "weight_decay": 0.0}], 0.05, 0.9, device, amp=mp)
     model, opt = mp.initialize(model, opt)
     x = torch.randn(4, 3, 32, 32, device=device.torch_device)
     y = torch.tensor([0, 1, 2, 0], device=device.torch_device)
@@ -366,9 +414,11 @@ def test_opt_level_O0_or_no_amp_is_fp32(flags):
 
 
 def test_native_describe_explains_O2():
-    text = build_mixed_precision(amp_args("--amp", "--amp-dtype", "bf16"), CPU).describe()
-    assert text.startswith("native torch.autocast(cpu, bf16)") and "apex O2 requested" in text
-    assert "apex O2" not in build_mixed_precision(amp_args("--amp", "--apex-opt-level", "O1"), CPU).describe()
+    text = build_mixed_precision(amp_args("--amp", "--amp-dtype", "bf16", "--apex-opt-level", "O2"), CPU).describe()
+    assert text.startswith("native torch.autocast(cpu, bf16)") and "--apex-opt-level O2 means autocast here" in text
+    other = build_mixed_precision(amp_args("--amp", "--amp-dtype", "bf16", "--apex-opt-level", "O1"), CPU).describe()
+    assert "O2" not in other and "--apex-opt-level O1 means autocast here" in other
+    assert "apex" not in build_mixed_precision(amp_args("--amp", "--amp-dtype", "bf16"), CPU).describe()
 
 
 # ----------------------------------------------------------------------------

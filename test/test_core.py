@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -22,13 +23,16 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms._presets import ImageClassification
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import (REPO, SMALL_RUN, assert_one_line_error, run_main, run_script,  # noqa: E402
+from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_main, run_script,  # noqa: E402
                       write_image_folder)
 
 sys.path.insert(0, REPO)
+import cli  # noqa: E402
 import data  # noqa: E402
 import densenet  # noqa: E402
+import device as device_lib  # noqa: E402
 import main  # noqa: E402
+import trainer  # noqa: E402
 
 # Tiny inputs gain nothing from threads, and on a small shared machine oversubscribed OpenMP threads are
 # many times slower; subprocesses get one thread unless the caller chose otherwise.
@@ -44,11 +48,6 @@ def parse(*argv):
 
 def train(data_path, out, *extra):
     return run_main(["--data-path", data_path, "--output-dir", str(out), *TINY, *extra], env=ENV)
-
-
-def assert_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def step_lines(log, epoch):
@@ -109,8 +108,21 @@ def test_parser_alias_spellings(spellings, dest, value, parsed):
 
 
 @pytest.mark.parametrize("device", ["auto", "npu", "cuda", "cpu"])
-def test_parser_device_choices(device):
-    assert parse("--device", device).device == device
+def test_device_choices_resolve_or_fail_in_one_line(device):
+    """Every --device choice either binds a device of that type or says in one line what is missing."""
+    requested = parse("--device", device).device
+    try:
+        got = device_lib.resolve_device(requested)
+    except device_lib.DeviceError as e:
+        assert device in ("npu", "cuda"), e  # auto and cpu always find a device
+        assert f"--device {device}" in str(e) and "\n" not in str(e)
+        assert isinstance(e, cli.UserError)  # one line on stderr, exit code 2
+        return
+    if device == "auto":
+        assert got.type in ("npu", "cuda", "cpu")
+        assert got.type == "cpu" or got.is_accelerator
+    else:
+        assert got.type == device
 
 
 def test_parser_rejects_unknown_device_and_model(capsys):
@@ -218,43 +230,43 @@ def test_eval_loader_batches_match_torchvision(tmp_path):
 
 def test_lr_step():
     a = parse("--lr", "0.1", "--lr-step-size", "30", "--lr-gamma", "0.1")
-    lr = lambda e: main.learning_rate(a, e)  # noqa: E731
+    lr = lambda e: trainer.learning_rate(a, e)  # noqa: E731
     assert lr(0) == pytest.approx(0.1) and lr(29.99) == pytest.approx(0.1)
     assert lr(30) == pytest.approx(0.01) and lr(59.5) == pytest.approx(0.01)
     assert lr(60) == pytest.approx(0.001) and lr(89.9) == pytest.approx(0.001)
     b = parse("--lr", "0.4", "--lr-step-size", "2", "--lr-gamma", "0.5")
-    assert [main.learning_rate(b, e) for e in (0, 1.9, 2, 4, 6.5)] == pytest.approx([0.4, 0.4, 0.2, 0.1, 0.05])
+    assert [trainer.learning_rate(b, e) for e in (0, 1.9, 2, 4, 6.5)] == pytest.approx([0.4, 0.4, 0.2, 0.1, 0.05])
 
 
 def test_lr_cosine():
     a = parse("--lr", "0.1", "--lr-scheduler", "cosine", "--epochs", "10")
-    assert main.learning_rate(a, 0) == pytest.approx(0.1)
-    assert main.learning_rate(a, 5) == pytest.approx(0.05)
-    assert main.learning_rate(a, 2.5) == pytest.approx(0.05 * (1 + np.cos(np.pi / 4)))
-    assert main.learning_rate(a, 10) == pytest.approx(0.0, abs=1e-12)
+    assert trainer.learning_rate(a, 0) == pytest.approx(0.1)
+    assert trainer.learning_rate(a, 5) == pytest.approx(0.05)
+    assert trainer.learning_rate(a, 2.5) == pytest.approx(0.05 * (1 + np.cos(np.pi / 4)))
+    assert trainer.learning_rate(a, 10) == pytest.approx(0.0, abs=1e-12)
     b = parse("--lr", "0.1", "--lr-scheduler", "cosine", "--epochs", "10", "--lr-min", "0.001")
-    assert main.learning_rate(b, 10) == pytest.approx(0.001)
-    assert main.learning_rate(b, 5) == pytest.approx(0.001 + 0.099 * 0.5)
+    assert trainer.learning_rate(b, 10) == pytest.approx(0.001)
+    assert trainer.learning_rate(b, 5) == pytest.approx(0.001 + 0.099 * 0.5)
 
 
 def test_lr_linear_warmup():
     a = parse("--lr", "0.1", "--lr-warmup-epochs", "2", "--lr-warmup-decay", "0.01", "--lr-step-size", "3",
               "--lr-gamma", "0.1")
-    assert main.learning_rate(a, 0) == pytest.approx(0.1 * 0.01)
-    assert main.learning_rate(a, 1) == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
-    assert main.learning_rate(a, 1.999) < 0.1
-    assert main.learning_rate(a, 2) == pytest.approx(0.1)  # warm-up ends at the full lr
-    assert main.learning_rate(a, 4.9) == pytest.approx(0.1)  # the step schedule counts from the warm-up's end
-    assert main.learning_rate(a, 5) == pytest.approx(0.01)
-    lrs = [main.learning_rate(a, e / 10) for e in range(21)]
+    assert trainer.learning_rate(a, 0) == pytest.approx(0.1 * 0.01)
+    assert trainer.learning_rate(a, 1) == pytest.approx(0.1 * (0.01 + 0.99 * 0.5))
+    assert trainer.learning_rate(a, 1.999) < 0.1
+    assert trainer.learning_rate(a, 2) == pytest.approx(0.1)  # warm-up ends at the full lr
+    assert trainer.learning_rate(a, 4.9) == pytest.approx(0.1)  # the step schedule counts from the warm-up's end
+    assert trainer.learning_rate(a, 5) == pytest.approx(0.01)
+    lrs = [trainer.learning_rate(a, e / 10) for e in range(21)]
     assert all(x < y for x, y in zip(lrs, lrs[1:])), lrs  # strictly increasing through the warm-up
     c = parse("--lr", "0.1", "--lr-warmup-epochs", "2", "--lr-scheduler", "cosine", "--epochs", "12")
-    assert main.learning_rate(c, 2) == pytest.approx(0.1)
-    assert main.learning_rate(c, 7) == pytest.approx(0.05)  # cosine spans epochs 2..12
-    assert main.learning_rate(c, 12) == pytest.approx(0.0, abs=1e-12)
+    assert trainer.learning_rate(c, 2) == pytest.approx(0.1)
+    assert trainer.learning_rate(c, 7) == pytest.approx(0.05)  # cosine spans epochs 2..12
+    assert trainer.learning_rate(c, 12) == pytest.approx(0.0, abs=1e-12)
     d = parse("--lr", "0.1", "--lr-warmup-epochs", "1", "--lr-warmup-method", "constant", "--lr-warmup-decay", "0.1")
-    assert main.learning_rate(d, 0) == pytest.approx(0.01) and main.learning_rate(d, 0.9) == pytest.approx(0.01)
-    assert main.learning_rate(d, 1) == pytest.approx(0.1)
+    assert trainer.learning_rate(d, 0) == pytest.approx(0.01) and trainer.learning_rate(d, 0.9) == pytest.approx(0.01)
+    assert trainer.learning_rate(d, 1) == pytest.approx(0.1)
 
 
 # ----------------------------------------------------------------------------
@@ -281,9 +293,9 @@ def test_train_log(trained):
     for epoch in (0, 1):
         steps = step_lines(log, epoch)
         assert [int(s) for s, _ in steps] == [1, 2, 3] and {int(n) for _, n in steps} == {3}, log
-        fps = re.search(rf"^Epoch: \[{epoch}\] FPS: {NUM} img/s", log, re.M)
+        fps = re.search(rf"^Train \[{epoch}\] FPS: {NUM} img/s", log, re.M)
         assert fps and float(fps.group(1)) > 0, log
-        assert re.search(rf"^Epoch: \[{epoch}\] done in .*images 24", log, re.M), log
+        assert re.search(rf"^Train \[{epoch}\] done in .*images 24", log, re.M), log
     line = re.search(r"^Epoch: \[0\]\s+\[1/3\].*$", log, re.M).group(0)
     for field in ("eta: ", "lr: ", "img/s: ", "loss: ", "acc1: ", "acc5: "):
         assert re.search(re.escape(field) + r"[\d:.]+", line), (field, line)
@@ -304,7 +316,8 @@ def test_train_outputs(trained):
         assert np.isfinite(r["train_loss"]) and r["fps"] > 0
 
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
-    assert {"model", "optimizer", "lr_scheduler", "epoch", "args", "classes"} <= set(ckpt)
+    # The original's keys that mean something here ('lr_scheduler' does not: the LR is computed from the epoch).
+    assert {"model", "optimizer", "epoch", "args", "classes", "next_epoch", "next_step"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["classes"] == CLASSES
     assert type(ckpt["args"]) is dict and ckpt["args"]["model"] == "densenet121" and ckpt["args"]["epochs"] == 2
     model = densenet.build_model("densenet121", num_classes=3)
@@ -321,7 +334,8 @@ def test_resume_from_epoch_checkpoint(trained, tiny_data, tmp_path):
     proc = train(tiny_data, tmp_path, "--resume", str(out / "model_0.pth"), "--epochs", "2", "--deterministic")
     assert_ok(proc)
     log = proc.stdout
-    assert re.search(r"^Resumed from .*model_0\.pth: epoch 1", log, re.M), log
+    assert re.search(r"^Resumed from .*model_0\.pth: weights after epoch 0; continuing at epoch 1, step 0$", log,
+                     re.M), log
     assert "Epoch: [0]" not in log, log
     assert [int(s) for s, _ in step_lines(log, 1)] == [1, 2, 3], log
     assert len(acc_lines(log)) == 1
@@ -370,7 +384,8 @@ def test_resume_auto(tiny_data, tmp_path):
     again = train(tiny_data, tmp_path, "--resume", "auto", "--epochs", "2", "--max-steps", "1")
     assert_ok(again)
     assert "starting fresh" not in again.stdout
-    assert re.search(r"^Resumed from .*(checkpoint|model_0)\.pth: epoch 1", again.stdout, re.M), again.stdout
+    assert re.search(r"^Resumed from .*(checkpoint|model_0)\.pth: weights after epoch 0; continuing at epoch 1, "
+                     r"step 0$", again.stdout, re.M), again.stdout
     assert "Epoch: [0]" not in again.stdout and step_lines(again.stdout, 1) == [("1", "1")]
     assert [json.loads(line)["epoch"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
 
@@ -380,9 +395,9 @@ def test_max_steps_stops_each_epoch(tiny_data, tmp_path):
     assert_ok(proc)
     for epoch in (0, 1):
         assert step_lines(proc.stdout, epoch) == [("1", "2"), ("2", "2")], proc.stdout  # 24 images = 3 batches
-        assert re.search(rf"^Epoch: \[{epoch}\] done in .*images 16 ", proc.stdout, re.M), proc.stdout
+        assert re.search(rf"^Train \[{epoch}\] done in .*images 16 ", proc.stdout, re.M), proc.stdout
         # --warmup-steps 0: every step is timed (FPS over steps 1-2), not "n/a"
-        assert re.search(rf"^Epoch: \[{epoch}\] FPS: {NUM} img/s \(steady state: steps 1-2 of 2, 16 images",
+        assert re.search(rf"^Train \[{epoch}\] FPS: {NUM} img/s \(steady state: steps 1-2 of 2, 16 images",
                          proc.stdout, re.M), proc.stdout
     assert len(acc_lines(proc.stdout)) == 2  # evaluation stays complete
 
@@ -453,7 +468,7 @@ def error_runs(tmp_path_factory):
 def test_one_line_errors(error_runs, case_id):
     proc, out = error_runs[case_id]
     assert_one_line_error(proc)
-    assert proc.returncode == main.EXIT_USER_ERROR
+    assert proc.returncode == cli.EXIT_USER_ERROR
     for fragment in ERROR_CASES[case_id][2]:
         assert fragment in proc.stderr, proc.stderr
     assert "Start training" not in proc.stdout and "Acc@1" not in proc.stdout
@@ -479,9 +494,11 @@ def test_train_full_1p_summary(tiny_data, launcher_id):
     # Run as users do, from their own folder with a relative --data_path (the launcher itself cd's to the repo).
     env = {k: v for k, v in os.environ.items() if k != "OUTPUT_ROOT"}
     env.update(ENV, ASCEND_DEVICE_ID=device_id)
+    started = time.time()
     proc = subprocess.run(["bash", os.path.join(REPO, "test", "train_full_1p.sh"), "--data_path=data", "--epochs=1",
                            "--model", "densenet121", *SMALL_RUN, "--batch-size", "8"],
                           cwd=os.path.dirname(tiny_data), env=env, capture_output=True, text=True, timeout=900)
+    wall = time.time() - started
     assert_ok(proc)
     stdout = proc.stdout
     final = dict(re.findall(r"^(Final Performance images/sec|Final Train Accuracy|E2E Training Duration sec) : (.*)$",
@@ -489,7 +506,7 @@ def test_train_full_1p_summary(tiny_data, launcher_id):
     assert set(final) == {"Final Performance images/sec", "Final Train Accuracy", "E2E Training Duration sec"}, stdout
 
     log_path = os.path.join(folder, f"train_{device_id}.log")
-    summary_path = os.path.join(folder, "DenseNet201_for_PyTorch_bs8_1p_acc.log")
+    summary_path = os.path.join(folder, "DenseNet121_for_PyTorch_bs8_1p_acc.log")  # Network follows --model
     assert os.path.isfile(log_path) and os.path.isfile(summary_path), os.listdir(folder)
     with open(log_path) as f:
         log = f.read()
@@ -499,15 +516,19 @@ def test_train_full_1p_summary(tiny_data, launcher_id):
     for key in ("Network", "RankSize", "BatchSize", "DeviceType", "CaseName", "ActualFPS", "TrainingTime",
                 "TrainAccuracy", "ActualLoss", "E2ETrainingTime"):
         assert summary.get(key, "").strip(), (key, summary)
-    assert summary["Network"] == "DenseNet201_for_PyTorch"
+    assert summary["Network"] == "DenseNet121_for_PyTorch"
     assert summary["RankSize"] == "1" and summary["BatchSize"] == "8" and summary["DeviceType"] == "cpu"
-    assert summary["CaseName"] == "DenseNet201_for_PyTorch_bs8_1p_acc"
+    assert summary["CaseName"] == "DenseNet121_for_PyTorch_bs8_1p_acc"
     fps, acc = float(summary["ActualFPS"]), float(summary["TrainAccuracy"])
     assert fps > 0 and 0 <= acc <= 100
     assert float(summary["TrainingTime"]) == pytest.approx(8 * 1000 / fps, rel=1e-2)
-    assert np.isfinite(float(summary["ActualLoss"])) and int(summary["E2ETrainingTime"]) >= 0
+    assert np.isfinite(float(summary["ActualLoss"]))
+    # E2E: the launcher's whole run (whole seconds from `date +%s`): at least the epoch itself, at most our wall time
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        epoch_time = json.loads(f.read().splitlines()[-1])["epoch_time"]
+    assert int(epoch_time) - 1 <= int(summary["E2ETrainingTime"]) <= wall + 1, (epoch_time, wall, summary)
     # the summary is the run's own numbers: last epoch FPS and last validation Acc@1
-    assert fps == float(re.findall(rf"^Epoch: \[0\] FPS: {NUM} img/s", log, re.M)[-1])
+    assert fps == float(re.findall(rf"^Train \[0\] FPS: {NUM} img/s", log, re.M)[-1])
     assert acc == float(acc_lines(log)[-1][0])
     assert float(final["Final Performance images/sec"]) == fps and float(final["Final Train Accuracy"]) == acc
     assert int(final["E2E Training Duration sec"]) == int(summary["E2ETrainingTime"])

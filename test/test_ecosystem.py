@@ -21,12 +21,13 @@ from PIL import Image
 
 from conftest import REPO, SMALL_RUN, assert_one_line_error, run_main, write_image_folder
 
+import checkpoint  # noqa: E402
 import densenet  # noqa: E402
 import export_onnx  # noqa: E402
-import main as trainer  # noqa: E402
+import main  # noqa: E402
 import plot_metrics  # noqa: E402
 import predict  # noqa: E402
-from utils import UserError  # noqa: E402
+from cli import UserError  # noqa: E402
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -101,19 +102,24 @@ def new_images(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------
-# (a) pretrained weights through main.load_pretrained
+# (a) pretrained weights through checkpoint.load_pretrained
 # ----------------------------------------------------------------------------
 
 def pretrained_args(path, *extra):
-    return trainer.get_args_parser().parse_args(["--synthetic", "--model", "densenet201", "--pretrained",
+    return main.get_args_parser().parse_args(["--synthetic", "--model", "densenet201", "--pretrained",
                                                  "--pretrained_weight_path", str(path), *extra])
+
+
+def load_pretrained(model, args):
+    """What main.py does with --pretrained (trainer.build_trainer): the weights named by the parsed flags."""
+    checkpoint.load_pretrained(model, args.model, args.pretrained_weight_path)
 
 
 @pytest.mark.parametrize("spelling", ["raw", "legacy", "module"])
 def test_load_pretrained_matches_torchvision(tv201, spelling):
     tv, files = tv201
     model = densenet.build_model("densenet201", num_classes=1000)
-    trainer.load_pretrained(model, pretrained_args(files[spelling]))
+    load_pretrained(model, pretrained_args(files[spelling]))
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(x), tv(x), rtol=0, atol=0)
@@ -123,7 +129,7 @@ def test_load_pretrained_reinitialises_other_classifier(tv201, capsys):
     tv, files = tv201
     model = densenet.build_model("densenet201", num_classes=3)
     before = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("classifier.")}
-    trainer.load_pretrained(model, pretrained_args(files["raw"], "--num_classes", "3"))
+    load_pretrained(model, pretrained_args(files["raw"], "--num_classes", "3"))
     assert "Classifier re-initialised for 3 classes" in capsys.readouterr().out
     reference = tv.state_dict()
     for k, v in model.state_dict().items():
@@ -137,9 +143,9 @@ def test_pretrained_without_weights_names_expected_path(tmp_path, monkeypatch):
     torch_home = tmp_path / "torch_home"
     torch_home.mkdir()
     monkeypatch.setenv("TORCH_HOME", str(torch_home))
-    args = trainer.get_args_parser().parse_args(["--synthetic", "--model", "densenet121", "--pretrained"])
+    args = main.get_args_parser().parse_args(["--synthetic", "--model", "densenet121", "--pretrained"])
     with pytest.raises(UserError) as e:
-        trainer.load_pretrained(densenet.build_model("densenet121"), args)
+        load_pretrained(densenet.build_model("densenet121"), args)
     expected = os.path.join(str(torch_home), "hub", "checkpoints", "densenet121-a639ec97.pth")
     assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
 
@@ -149,7 +155,7 @@ def test_load_pretrained_wrong_architecture_is_user_error(tv201):
     args = pretrained_args(files["raw"])
     args.model = "densenet121"
     with pytest.raises(UserError, match="does not fit --model densenet121"):
-        trainer.load_pretrained(densenet.build_model("densenet121"), args)
+        load_pretrained(densenet.build_model("densenet121"), args)
 
 
 # ----------------------------------------------------------------------------
@@ -354,7 +360,7 @@ def test_tensorboard_scalars(trained):
 
 @pytest.mark.skipif(HAS_TENSORBOARD, reason="tensorboard is installed")
 def test_tensorboard_missing_is_reported_before_training(image_folder, tmp_path):
-    args = trainer.get_args_parser().parse_args(["--data-path", image_folder, "--output-dir", str(tmp_path / "out"),
+    args = main.get_args_parser().parse_args(["--data-path", image_folder, "--output-dir", str(tmp_path / "out"),
                                                  "--tensorboard", *SMALL_RUN])
     with pytest.raises(UserError, match="pip install tensorboard"):
-        trainer.validate_args(args)  # argument validation: before any model, data or device is touched
+        main.validate_args(args)  # argument validation: before any model, data or device is touched

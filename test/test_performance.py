@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -17,13 +18,15 @@ import torch.nn as nn
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import REPO, SMALL_RUN, run_main, run_script, write_image_folder  # noqa: E402
+from conftest import REPO, SMALL_RUN, assert_ok, run_main, run_script, write_image_folder  # noqa: E402
 
 sys.path.insert(0, REPO)
 import data  # noqa: E402
+import decode  # noqa: E402
 import densenet  # noqa: E402
 import main  # noqa: E402
-from device import build_mixed_precision, build_sgd, resolve_device  # noqa: E402
+import trainer as trainer_lib  # noqa: E402
+from device import build_mixed_precision, resolve_device  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")  # in-process steps on tiny inputs: one thread
 
@@ -37,11 +40,6 @@ NUM = r"(\d+(?:\.\d+)?)"
 # different precisions, and each of the two passes may round the other way: at most 1 grey level per pass.
 RESIZE_MAX_DIFF = 2
 RESIZE_MEAN_DIFF = 0.1
-
-
-def assert_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 def step_numbers(log):
@@ -79,7 +77,7 @@ def test_max_steps_stops_where_asked_on_real_data(tmp_path):
                      "--max-steps", "3"], env=ENV)
     assert_ok(proc)
     assert step_numbers(proc.stdout) == [1, 2, 3], proc.stdout
-    assert re.search(r"^Epoch: \[0\] done in .*images 12 ", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^Train \[0\] done in .*images 12 ", proc.stdout, re.M), proc.stdout
 
 
 def test_synthetic_needs_no_data_path(tmp_path):
@@ -87,7 +85,7 @@ def test_synthetic_needs_no_data_path(tmp_path):
                      "--warmup-steps", "2", "--num_classes", "10"], env=ENV)
     assert_ok(proc)
     assert step_numbers(proc.stdout) == [1, 2, 3, 4, 5], proc.stdout
-    assert re.search(rf"^Epoch: \[0\] FPS: {NUM} img/s \(steady state: steps 3-5 of 5, 12 images .*excluded "
+    assert re.search(rf"^Train \[0\] FPS: {NUM} img/s \(steady state: steps 3-5 of 5, 12 images .*excluded "
                      r"\(synthetic\)", proc.stdout, re.M), proc.stdout
     assert " * Acc@1" not in proc.stdout  # nothing to evaluate
 
@@ -99,7 +97,8 @@ def test_perf_launcher_synthetic_summary(tmp_path):
                                                   "--warmup-steps", "2"], env=env, timeout=300)
     assert_ok(proc)
     summaries = [n for n in os.listdir(tmp_path / "output" / "0") if n.endswith("_perf.log")]
-    assert summaries == ["DenseNet201_for_PyTorch_bs4_1p_perf.log"], os.listdir(tmp_path / "output" / "0")
+    # Network follows --model
+    assert summaries == ["DenseNet121_for_PyTorch_bs4_1p_perf.log"], os.listdir(tmp_path / "output" / "0")
     fields = dict(line.split(" = ", 1) for line in
                   (tmp_path / "output" / "0" / summaries[0]).read_text().splitlines() if " = " in line)
     assert fields["CaseName"].endswith("_perf")
@@ -121,16 +120,23 @@ def test_perf_launcher_needs_data_path_or_synthetic(tmp_path):
 # 2. Fast training decode vs torchvision's PIL path
 # ----------------------------------------------------------------------------
 
-def test_fast_decode_is_the_default_and_falls_back_where_it_must():
+def test_fast_decode_is_the_default_and_falls_back_where_it_must(tmp_path):
     args = main.get_args_parser().parse_args(["--synthetic"])
     assert args.fast_decode is True
-    assert hasattr(data.train_transform(32, fast_decode=True), "loader")
-    assert not hasattr(data.train_transform(32), "loader")  # the library default stays torchvision's PIL path
+    write_photos(tmp_path / "data" / "c0", [(40, 30)])
+    root = str(tmp_path / "data")
+
+    def reader(**kwargs):
+        return data.train_dataset(root, 32, **kwargs).loader
+
+    assert reader(fast_decode=True) is decode.load_encoded
+    assert reader() is decode.load_rgb  # the library default stays torchvision's PIL path
     # PIL-level augmentations and other filters keep the PIL path (exactly torchvision's) even when asked.
-    assert not hasattr(data.train_transform(32, auto_augment="ta_wide", fast_decode=True), "loader")
-    assert not hasattr(data.train_transform(32, interpolation="bicubic", fast_decode=True), "loader")
-    erase = data.train_transform(32, random_erase=0.5, fast_decode=True)
-    assert hasattr(erase, "loader") and len(erase.transforms) == 2
+    assert reader(auto_augment="ta_wide", fast_decode=True) is decode.load_rgb
+    assert reader(interpolation="bicubic", fast_decode=True) is decode.load_rgb
+    erase = data.train_dataset(root, 32, random_erase=0.5, fast_decode=True)
+    assert erase.loader is decode.load_encoded and len(erase.transform.transforms) == 2
+    assert isinstance(erase.transform.transforms[0], decode.FastRandomResizedCrop)
 
 
 def test_jpeg_header_parser_agrees_with_pil(tmp_path):
@@ -140,8 +146,8 @@ def test_jpeg_header_parser_agrees_with_pil(tmp_path):
         buf = io.BytesIO()
         src.convert(mode).save(buf, "JPEG", **kwargs)
         with Image.open(io.BytesIO(buf.getvalue())) as img:
-            assert data._jpeg_header(bytearray(buf.getvalue())) == (img.mode, img.size)
-    assert data._jpeg_header(bytearray(b"\x89PNG\r\n")) is None and data._jpeg_header(bytearray()) is None
+            assert decode.jpeg_header(bytearray(buf.getvalue())) == (img.mode, img.size)
+    assert decode.jpeg_header(bytearray(b"\x89PNG\r\n")) is None and decode.jpeg_header(bytearray()) is None
 
 
 def test_fast_decode_pixels_are_libjpegs_exactly(tmp_path):
@@ -159,8 +165,8 @@ def pair(tmp_path, sizes, crop, fmt="JPEG", mode="RGB", **transform_kwargs):
     write_photos(tmp_path / "data" / "c0", sizes, fmt=fmt, mode=mode)
     root = str(tmp_path / "data")
     standard = data.ImageFolderDataset(root, data.train_transform(crop, **transform_kwargs), seed=5)
-    fast = data.ImageFolderDataset(root, data.train_transform(crop, fast_decode=True, **transform_kwargs), seed=5)
-    assert not hasattr(standard.transform, "loader") and fast.transform.loader is data.load_encoded
+    fast = data.train_dataset(root, crop, fast_decode=True, seed=5, **transform_kwargs)
+    assert standard.loader is decode.load_rgb and fast.loader is decode.load_encoded
     return standard, fast
 
 
@@ -196,11 +202,11 @@ def test_reduced_size_decode_keeps_the_content(tmp_path):
     # downscale replaces part of the antialiasing filter), but the same picture: ~0.75 grey levels apart on
     # average (a few levels at sharp edges), against 60-80 between two different crops of the same photo.
     standard, fast = pair(tmp_path, [(512, 384)] * 2, 32)
-    header = data.load_encoded(standard.samples[0][0])
+    header = decode.load_encoded(standard.samples[0][0])
     assert fast.transform.transforms[0].reduction(384, 512, header) == 8
     worst, mean = diffs(standard, fast, [(e, i, 0) for e in range(4) for i in range(2)])
     assert mean < 2, (worst, mean)
-    no_reduce = data.FastRandomResizedCrop(32, reduced_decode=False)
+    no_reduce = decode.FastRandomResizedCrop(32, reduced_decode=False)
     assert no_reduce.reduction(384, 512, header) == 1
 
 
@@ -213,7 +219,7 @@ def test_fast_decode_reports_truncated_and_non_images(tmp_path):
         f.write(blob[: len(blob) // 2])  # truncated: the header parses, the pixels don't
     with open(os.path.join(folder, "img_002.jpg"), "wb") as f:
         f.write(b"not an image at all")
-    ds = data.ImageFolderDataset(str(tmp_path / "data"), data.train_transform(32, fast_decode=True))
+    ds = data.train_dataset(str(tmp_path / "data"), 32, fast_decode=True)
     results = {os.path.basename(ds.samples[i][0]): ds[i] for i in range(len(ds))}
     assert results["img_000.jpg"][0].shape == (3, 32, 32)
     for name in ("img_001.jpg", "img_002.jpg"):
@@ -226,7 +232,8 @@ def test_fast_decode_reports_truncated_and_non_images(tmp_path):
 def test_model_trains_on_the_fast_pipeline(tmp_path):
     # Through the real DataLoader (a worker process, uint8 batches, normalisation on the device).
     root = write_image_folder(tmp_path / "data", classes=3, train_per_class=8, size=48)
-    train = data.ImageFolderDataset(os.path.join(root, "train"), data.train_transform(32, fast_decode=True), seed=1)
+    train = data.train_dataset(os.path.join(root, "train"), 32, fast_decode=True, seed=1)
+    assert train.loader is decode.load_encoded
     sampler = data.ResumableDistributedSampler(len(train), seed=1)
     loader = data.make_loader(train, sampler, 8, 1, False, 1, drop_last=True)
     torch.manual_seed(0)
@@ -254,7 +261,7 @@ def test_main_trains_without_fast_decode(tmp_path):
     proc = run_main(["--data-path", root, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "1",
                      "--max-steps", "2", "--no-fast-decode"], env=ENV)
     assert_ok(proc)
-    assert re.search(r"Epoch: \[0\] done in .*train loss \d", proc.stdout), proc.stdout
+    assert re.search(r"Train \[0\] done in .*train loss \d", proc.stdout), proc.stdout
 
 
 # ----------------------------------------------------------------------------
@@ -267,18 +274,18 @@ def tiny_densenet(**kwargs):
 
 
 def run_steps(model, argv, steps=3, batch_size=4, size=32):
-    """main.train_one_epoch on a fixed synthetic batch, with main.py's building blocks; returns its stats."""
-    args = main.get_args_parser().parse_args(["--synthetic", "--device", "cpu", "--print-freq", "1",
-                                              "--warmup-steps", "1", "--lr", "0.1", *argv])
+    """main.train_one_epoch on a fixed synthetic batch, through the trainer main.py builds (trainer.build_trainer:
+    optimizer, mixed precision, channels_last, --compile) and its one training step, Trainer.step; only the
+    architecture is the tiny `model` instead of --model's. Returns the epoch's stats and the model."""
+    args = main.get_args_parser().parse_args(["--synthetic", "--device", "cpu", "--model", "densenet121",
+                                              "--print-freq", "1", "--warmup-steps", "1", "--lr", "0.1", *argv])
     device = resolve_device("cpu")
     torch.manual_seed(0)
-    model.to(memory_format=torch.channels_last)
     amp = build_mixed_precision(args, device)
-    optimizer = build_sgd(main.param_groups(model, args.weight_decay, 0.0), args.lr, args.momentum, device)
-    t = main.Trainer(model=torch.compile(model) if args.compile else model, model_without_ddp=model, ema=None,
-                     optimizer=optimizer, amp=amp, device=device,
-                     normalize=data.DeviceNormalize(device.torch_device, True), criterion=nn.CrossEntropyLoss(),
-                     mixup=main.recipe.MixupCutmix(5))
+    with mock.patch.object(densenet, "build_model", lambda *a, **k: model):
+        t = trainer_lib.build_trainer(args, device, 5, amp, channels_last=True)
+    assert t.model_without_ddp is model and model.features.conv0.weight.is_contiguous(
+        memory_format=torch.channels_last)
     loader = data.SyntheticLoader(batch_size, size, 5, steps, seed=3)
     stats = main.train_one_epoch(t, loader, 0, 0, args, main.StopSignal())
     return stats, model
@@ -352,11 +359,17 @@ def test_no_host_sync_between_print_steps(monkeypatch):
     assert [c for c in calls if c[0] == 5], "the spy saw nothing at the print step: it is not working"
 
 
-def test_loader_settings():
+def test_loader_settings(monkeypatch):
     ds = torch.utils.data.TensorDataset(torch.zeros(4))
     loader = data.make_loader(ds, None, 2, 2, True, 0)
     assert loader.persistent_workers and loader.prefetch_factor == 4 and loader.pin_memory
-    assert data.make_loader(ds, None, 2, 0, False, 0).prefetch_factor is None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    assert data.default_workers(1) == max(0, min(8, cores - 1))
-    assert data.default_workers(2) == max(0, min(8, cores // 2 - 1))
+    assert loader.num_workers == 2 and loader.batch_size == 2 and loader.collate_fn is data.collate_skip_bad
+    in_process = data.make_loader(ds, None, 2, 0, False, 0)
+    assert in_process.prefetch_factor is None and not in_process.persistent_workers and not in_process.pin_memory
+    # Default workers: the cores this process may use, shared among the ranks on the machine, never negative.
+    assert data.default_workers(1) >= data.default_workers(2) >= 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert data.default_workers(1) == 31  # no cap at 8: a 32-core single-GPU box feeds the GPU with 31 decoders
+    assert data.default_workers(1) > data.default_workers(2) > data.default_workers(8) > 0
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert data.default_workers(1) == 0 and data.default_workers(4) == 0  # one core: load in the trainer

@@ -21,10 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SMALL_RUN, assert_one_line_error, run_main, write_image_folder
+from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_main, write_image_folder
 
+import checkpoint
+import cli
 import data as data_lib
-import utils
 
 # 3 classes x 16 train images, batch 4: 12 steps per epoch; 6 val images.
 STEPS = 12
@@ -39,10 +40,6 @@ ENV = {"OMP_NUM_THREADS": "1"}
 def train(data, out, *extra, env=None, timeout=600):
     return run_main(["--data-path", str(data), "--output-dir", str(out), *BASE, *extra],
                     env={**ENV, **(env or {})}, timeout=timeout)
-
-
-def assert_ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 def load(path):
@@ -94,7 +91,7 @@ def _save_forever(path, done):
         state = {"marker": marker,
                  "weights": {f"w{i}": torch.full((256, 1024), float(marker)) for i in range(6)},
                  "tail": torch.full((1000,), float(marker))}  # every tensor carries the marker: no mixed saves
-        utils.save_atomic(state, path)
+        checkpoint.save_atomic(state, path)
         done.value = marker
 
 
@@ -142,10 +139,10 @@ def test_sigkill_during_checkpoint_writes_never_leaves_a_broken_checkpoint(tmp_p
 def test_save_atomic_failure_keeps_previous_file(tmp_path):
     """An exception while writing (here: an unpicklable object) leaves the old checkpoint and no temp file."""
     path = tmp_path / "checkpoint.pth"
-    utils.save_atomic({"marker": 1, "w": torch.ones(3)}, str(path))
+    checkpoint.save_atomic({"marker": 1, "w": torch.ones(3)}, str(path))
     before = path.read_bytes()
     with pytest.raises(Exception):
-        utils.save_atomic({"marker": 2, "w": torch.ones(3), "bad": lambda: None}, str(path))
+        checkpoint.save_atomic({"marker": 2, "w": torch.ones(3), "bad": lambda: None}, str(path))
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["checkpoint.pth"]
 
@@ -232,7 +229,7 @@ def test_preempted_mid_epoch_then_resume_auto_is_bit_identical(data48, reference
     assert_ok(resumed)
     assert f"epoch 0, step {s}" in resumed.stdout, resumed.stdout
     assert step_numbers(resumed.stdout, 0) == list(range(s + 1, STEPS + 1)), resumed.stdout
-    assert re.search(rf"^Epoch: \[0\] done .* images {4 * (STEPS - s)}\b", resumed.stdout, re.M), resumed.stdout
+    assert re.search(rf"^Train \[0\] done .* images {4 * (STEPS - s)}\b", resumed.stdout, re.M), resumed.stdout
     assert_same_training_state(tmp_path / "checkpoint.pth", reference / "checkpoint.pth")
 
 
@@ -303,11 +300,12 @@ def test_training_skips_and_reports_unreadable_images(bad_data, tmp_path):
     assert_ok(proc)
     warnings = [l for l in proc.stderr.splitlines() if l.startswith("WARNING")]
     assert len(warnings) == 3, proc.stderr
+    assert not [l for l in proc.stderr.splitlines() if l.strip() and not l.startswith("WARNING")], proc.stderr
     for name in BAD_FILES:
         assert sum(os.path.join("class_0", name) in w for w in warnings) == 1, (name, proc.stderr)
     for name in HIDDEN_FILES:
         assert name not in proc.stderr + proc.stdout
-    assert re.search(r"^Epoch: \[0\] done .* images 18\s+unreadable images 3$", proc.stdout, re.M), proc.stdout
+    assert re.search(r"^Train \[0\] done .* images 18\s+unreadable images 3$", proc.stdout, re.M), proc.stdout
     assert "3 classes" in proc.stdout and "Traceback" not in proc.stderr
     assert load(tmp_path / "checkpoint.pth")["classes"] == ["class_0", "class_1", "class_2"]
 
@@ -346,11 +344,11 @@ def write_evil(tmp_path):
 
 def test_hostile_checkpoint_is_refused_in_process(tmp_path):
     evil, marker = write_evil(tmp_path)
-    for load_fn in (utils.load_safe, utils.read_weights, utils.build_model_from_weights):
-        with pytest.raises(utils.UserError, match="refused to load"):
+    for load_fn in (checkpoint.load_safe, checkpoint.read_weights, checkpoint.build_model_from_weights):
+        with pytest.raises(cli.UserError, match="refused to load"):
             load_fn(str(evil))
     shutil.copy(evil, tmp_path / "checkpoint.pth")
-    assert utils.find_latest_checkpoint(str(tmp_path)) == (None, None)
+    assert checkpoint.find_latest_checkpoint(str(tmp_path)) == (None, None)
     assert not marker.exists()
 
 
@@ -424,11 +422,11 @@ def test_describe_mismatch_in_process():
     import densenet
     small = lambda n: densenet.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=n)
     sd = small(3).state_dict()
-    msg = utils.describe_mismatch(small(5), sd)
+    msg = checkpoint.describe_mismatch(small(5), sd)
     f = small(5).classifier.in_features
     assert f"classifier.weight: (3, {f}) vs model (5, {f})" in msg and "classifier.bias: (3,) vs model (5,)" in msg
     assert "\n" not in msg
-    assert utils.describe_mismatch(small(3), sd) is None
+    assert checkpoint.describe_mismatch(small(3), sd) is None
 
 
 # ----------------------------------------------------------------------------
@@ -463,7 +461,7 @@ def test_bad_argument_is_one_line_error_in_process(data48, tmp_path, capfd, case
     argv, fragment = bad_argv(data48, tmp_path, case)
     code = main.run(argv)
     out, err = capfd.readouterr()
-    assert code == main.EXIT_USER_ERROR
+    assert code == cli.EXIT_USER_ERROR
     proc = subprocess.CompletedProcess(argv, code, out, err)
     assert_one_line_error(proc, fragment)
     assert "Start training" not in out
@@ -495,13 +493,14 @@ def test_keep_checkpoints_and_resume_auto_skips_corrupt_newer_files(data48, tmp_
     now = time.time()
     for i, n in enumerate(["model_1.pth", "model_2.pth", "checkpoint.pth", "model_3.pth"]):
         os.utime(tmp_path / n, (now + i, now + i))
-    assert utils.find_latest_checkpoint(str(tmp_path))[0] == str(tmp_path / "model_2.pth")
+    assert checkpoint.find_latest_checkpoint(str(tmp_path))[0] == str(tmp_path / "model_2.pth")
 
     resumed = train(data48, tmp_path, "--epochs", "4", "--max-steps", "2", "--keep-checkpoints", "2",
                     "--resume", "auto")
     assert_ok(resumed)
-    assert f"Resumed from {tmp_path / 'model_2.pth'}: epoch 3, step 0" in resumed.stdout, resumed.stdout
-    assert step_numbers(resumed.stdout, 2) == [] and re.search(r"^Epoch: \[3\] done", resumed.stdout, re.M)
+    assert f"Resumed from {tmp_path / 'model_2.pth'}: weights after epoch 2; continuing at epoch 3, step 0" in \
+        resumed.stdout, resumed.stdout
+    assert step_numbers(resumed.stdout, 2) == [] and re.search(r"^Train \[3\] done", resumed.stdout, re.M)
     for skipped in ("checkpoint.pth", "model_3.pth"):
         assert skipped in resumed.stderr, resumed.stderr  # the user is told which newer files were unusable
     assert load(tmp_path / "checkpoint.pth")["next_epoch"] == 4

@@ -4,5 +4,5 @@
 MODE=perf
 DEFAULT_RANK_SIZE=1
 DEFAULT_RECIPE=reference
-DEFAULT_ARGS=(--batch-size 128 --lr 0.1 --seed 1234 --print-freq 10)
+DEFAULT_ARGS=(--epochs 60 --batch-size 128 --lr 0.1 --seed 1234 --print-freq 10)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

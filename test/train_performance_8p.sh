@@ -4,5 +4,5 @@
 MODE=perf
 DEFAULT_RANK_SIZE=8
 DEFAULT_RECIPE=reference
-DEFAULT_ARGS=(--batch-size 1024 --lr 0.8 --seed 1234 --print-freq 10)
+DEFAULT_ARGS=(--epochs 40 --batch-size 1024 --lr 0.8 --seed 1234 --print-freq 10)
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"

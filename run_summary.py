@@ -1,0 +1,88 @@
+"""The launchers' summary of a finished run, from what main.py's rank 0 wrote as data: run.json (world size,
+batch, device, model) and metrics.jsonl (one record per epoch). Nothing is grepped from the human log.
+
+    python run_summary.py OUTPUT_DIR --mode acc|perf --e2e-seconds N
+
+Prints the reference's "Final ..." lines and writes OUTPUT_DIR/<CaseName>.log with its "Key = value" lines
+(Network, RankSize, BatchSize, DeviceType, CaseName, ActualFPS, TrainingTime, TrainAccuracy, ActualLoss,
+E2ETrainingTime, and CompileTime for performance runs). No torch import: it runs in a blink.
+"""
+import argparse
+import json
+import os
+import sys
+
+from cli import UserError, run_tool
+
+
+def read_records(path):
+    """metrics.jsonl's records, the last one of each epoch (a resumed run may repeat an epoch)."""
+    by_epoch = {}
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line torn by a kill
+            if isinstance(record, dict) and "epoch" in record:
+                by_epoch[record["epoch"]] = record
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def fmt(value, digits=3):
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def summarize(run, records, mode, e2e_seconds):
+    """The summary's key/value pairs, in the reference's order."""
+    last = records[-1] if records else {}
+    fps = last.get("fps")
+    accuracy = last.get("val_acc1")
+    case = f"{run['network']}_bs{run['batch_size']}_{run['world_size']}p_{mode}"
+    summary = {
+        "Network": run["network"],
+        "RankSize": run["world_size"],
+        "BatchSize": run["batch_size"],
+        "DeviceType": run["device"],
+        "CaseName": case,
+        "ActualFPS": fmt(fps, 2),                                               # steady state, all ranks
+        "TrainingTime": fmt(run["batch_size"] * 1000 / fps, 2) if fps else "",  # ms per global batch
+        "TrainAccuracy": fmt(accuracy),                                         # last validation Acc@1
+        "ActualLoss": fmt(last.get("last_loss"), 4),                            # last step's training loss
+        "E2ETrainingTime": e2e_seconds,
+    }
+    if mode == "perf":
+        summary["CompileTime"] = fmt(records[0].get("first_step_time"), 4) if records else ""  # 1st step, s
+    return summary
+
+
+def get_args_parser():
+    p = argparse.ArgumentParser(description="Write the launchers' summary file from run.json + metrics.jsonl")
+    p.add_argument("output_dir", help="main.py's --output-dir (holds run.json and metrics.jsonl)")
+    p.add_argument("--mode", choices=["acc", "perf"], default="acc", help="the CaseName suffix")
+    p.add_argument("--e2e-seconds", type=int, default=0, help="launcher start to end, in seconds")
+    return p
+
+
+def main(args):
+    run_file = os.path.join(args.output_dir, "run.json")
+    if not os.path.isfile(run_file):
+        raise UserError(f"{run_file}: no such file (the run stopped before training started)")
+    with open(run_file) as f:
+        run = json.load(f)
+    metrics = os.path.join(args.output_dir, "metrics.jsonl")
+    records = read_records(metrics) if os.path.isfile(metrics) else []
+    summary = summarize(run, records, args.mode, args.e2e_seconds)
+    print("------------------ Final result ------------------")
+    print(f"Final Performance images/sec : {summary['ActualFPS']}")
+    print(f"Final Train Accuracy : {summary['TrainAccuracy']}")
+    print(f"E2E Training Duration sec : {args.e2e_seconds}")
+    path = os.path.join(args.output_dir, f"{summary['CaseName']}.log")
+    with open(path, "w") as f:
+        f.writelines(f"{key} = {value}\n" for key, value in summary.items())
+    print(f"Summary: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_tool(main, get_args_parser().parse_args(), expected=(OSError, ValueError, KeyError)))
