@@ -1,5 +1,6 @@
 """Shared fixtures: real image folders on disk and a way to run main.py as users do."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -60,17 +61,42 @@ def run_main(args, cwd=REPO, env=None, timeout=600, inherit_env=True):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def assert_ok(proc):
-    """Exit code 0 and no traceback; on failure the message holds the run's whole stdout and stderr."""
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
-    assert "Traceback" not in proc.stderr, proc.stderr
+def assert_ok(proc, allow_traceback=False):
+    """Exit code 0 and no traceback; on failure the message holds the run's stdout and stderr. Returns stdout.
+    allow_traceback: a torchrun job that restarted after a killed rank, whose surviving ranks failed first."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n" \
+                                 f"{proc.stderr[-6000:]}"
+    assert allow_traceback or "Traceback" not in proc.stderr, proc.stderr[-6000:]
+    return proc.stdout
 
 
-def run_script(script, args, env=None, timeout=900):
-    full_env = dict(os.environ)
+def run_script(script, args, env=None, timeout=900, inherit_env=True):
+    """`bash test/SCRIPT ARGS` (a launcher); env as for run_main."""
+    full_env = dict(os.environ) if inherit_env else {}
     full_env.update(env or {})
-    return subprocess.run(["bash", os.path.join(REPO, "test", script), *args], cwd=REPO, env=full_env,
+    return subprocess.run(["bash", os.path.join(REPO, "test", script), *map(str, args)], cwd=REPO, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+# Variables of a launcher (torchrun, the original's RANK_ID/RANK_SIZE, our launchers): pytest itself may run
+# under one, and a test's child must see only what the test gives it.
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "RANK_ID", "RANK_SIZE",
+               "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TORCHELASTIC_RUN_ID",
+               "TORCHELASTIC_RESTART_COUNT", "ASCEND_DEVICE_ID", "OUTPUT_ROOT")
+
+
+def clean_env(**extra):
+    """This environment without launcher variables, one thread per process, plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def assert_one_line_error(proc, fragment=None):

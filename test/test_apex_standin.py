@@ -5,7 +5,6 @@ apex.optimizers.NpuFusedSGD); see the docstrings under test/apex_standin/apex fo
 tests import it from its folder and remove it from sys.path/sys.modules afterwards, so other in-process tests
 still see "apex is not installed".
 """
-import copy
 import importlib
 import io
 import os

@@ -17,7 +17,6 @@ other jobs on the machine. Each process uses one thread (OMP_NUM_THREADS=1): the
 """
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -28,13 +27,11 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from conftest import REPO, SMALL_RUN, assert_one_line_error, run_main
+from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_env, free_port, run_main
 
 import data as data_lib  # noqa: E402  (conftest put the repo on sys.path)
 import densenet  # noqa: E402
 
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "RANK_ID", "RANK_SIZE",
-               "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TORCHELASTIC_RUN_ID")
 SEED = 1234
 LR = 0.01
 CLASSES = [f"class_{c}" for c in range(6)]  # 6 classes, so Acc@5 is not trivially 100
@@ -47,31 +44,11 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 ACC = re.compile(r" \* Acc@1 (\S+) Acc@5 (\S+) \((\d+) images\)")
 
 
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def clean_env(**extra):
-    """This environment minus any launcher variables (the tests may themselves run under a launcher)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
 def torchrun(nproc, script_args, env=None, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={free_port()}", *script_args]
     return subprocess.run(cmd, cwd=REPO, env=clean_env(**(env or {})), capture_output=True, text=True,
                           timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n" \
-                                 f"{proc.stderr[-6000:]}"
-    return proc.stdout
 
 
 def write_folder(root, counts, size=32, seed=0):
@@ -187,11 +164,11 @@ def runs(train_data, tmp_path_factory):
     """A 1-process and a 2-process training run with the same global batch, same seed, same samples."""
     base = tmp_path_factory.mktemp("ddp_runs")
     args = [*TRAIN, "--data-path", train_data, "--batch-size", str(GLOBAL_BATCH), "--max-steps", str(STEPS)]
-    one = ok(run_main([*args, "--output-dir", str(base / "1p")], env=clean_env(), inherit_env=False, timeout=300))
+    one = assert_ok(run_main([*args, "--output-dir", str(base / "1p")], env=clean_env(), inherit_env=False, timeout=300))
     wrapper = base / "rank_dump.py"
     wrapper.write_text(RANK_DUMP_WRAPPER.format(repo=REPO))
     (base / "ranks").mkdir()
-    two = ok(torchrun(2, [str(wrapper), *args, "--output-dir", str(base / "2p")],
+    two = assert_ok(torchrun(2, [str(wrapper), *args, "--output-dir", str(base / "2p")],
                       env={"RANK_DUMP_DIR": base / "ranks"}))
     return {"dir": base, "log1": one, "log2": two}
 
@@ -290,7 +267,7 @@ def test_evaluation_is_exact_for_1_2_3_processes(runs, tmp_path):
     for nproc in (1, 2, 3):
         proc = run_main(args, env=clean_env(), inherit_env=False, timeout=300) if nproc == 1 else \
             torchrun(nproc, ["main.py", *args])
-        log = ok(proc)
+        log = assert_ok(proc)
         assert f"world size {nproc}" in log
         found = ACC.findall(log)
         assert len(found) == 1, log  # rank 0 alone reports
@@ -332,7 +309,7 @@ def launcher_data(tmp_path_factory):
 def test_train_full_8p_two_ranks(launcher_data, tmp_path):
     out = tmp_path / "output"
     proc = finish(launcher({"RANK_SIZE": 2, "MASTER_PORT": free_port()}, launcher_data, out))
-    ok(proc)
+    assert_ok(proc)
     log0, log1 = out / "0" / "train_0.log", out / "1" / "train_1.log"
     assert log0.is_file() and log1.is_file()
     text0 = log0.read_text()
@@ -352,8 +329,8 @@ def test_two_nodes_on_loopback(launcher_data, tmp_path):
     nodes = [launcher({"NNODES": 2, "NODE_RANK": r, "RANK_SIZE": 1, "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": port}, launcher_data, tmp_path / f"node{r}") for r in (0, 1)]
     node0, node1 = finish(nodes[0]), finish(nodes[1])
-    ok(node0)
-    ok(node1)
+    assert_ok(node0)
+    assert_ok(node1)
     text0 = (tmp_path / "node0" / "0" / "train_0.log").read_text()
     assert "world size 2; global batch 8 = 2 x 4" in text0
     assert ACC.search(text0)
@@ -399,7 +376,7 @@ def test_a_rank_whose_whole_batch_is_unreadable_skips_the_step_with_the_others(t
             f.write(b"not an image")
     proc = torchrun(2, ["main.py", *TRAIN, "--data-path", root, "--batch-size", "4", "--max-bad-images", "5",
                         "--output-dir", str(tmp_path / "out"), "--dist-timeout", "120"], timeout=300)
-    log = ok(proc)
+    log = assert_ok(proc)
     # Step 0 trained nobody (rank 0's 2 good images were skipped too); steps 1 and 2 trained 8 images.
     assert re.search(r"Train \[0\] done in .*images 8 +unreadable images 2", log), log
     assert (tmp_path / "out" / "checkpoint.pth").is_file()
@@ -432,7 +409,7 @@ def final_model(output_dir):
 @pytest.fixture(scope="module")
 def uninterrupted(launcher_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
-    ok(finish(launcher({"RANK_SIZE": 2, "MASTER_PORT": free_port()}, launcher_data, out, *RESTART_RUN)))
+    assert_ok(finish(launcher({"RANK_SIZE": 2, "MASTER_PORT": free_port()}, launcher_data, out, *RESTART_RUN)))
     return final_model(out / "0")
 
 
@@ -444,7 +421,8 @@ def kill_once_epoch_0_is_saved(jobs, checkpoint, victim_root, rank):
     assert victim is not None, f"rank {rank} already gone before the kill"
     os.kill(victim, 9)  # SIGKILL: no handler runs, no checkpoint of its own
     # Before the per-attempt store, restarted ranks hung in process-group set-up: keep the wait short.
-    return [ok(finish(j, timeout=240)) for j in jobs]
+    # The killed rank's peers fail (a traceback on stderr) before torchrun restarts them all: rc 0 is the verdict.
+    return [assert_ok(finish(j, timeout=240), allow_traceback=True) for j in jobs]
 
 
 def assert_resumed_once(log_path):

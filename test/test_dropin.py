@@ -33,7 +33,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import REPO, write_image_folder
+from conftest import LAUNCH_VARS, REPO, assert_ok, clean_env, free_port, run_main, run_script, write_image_folder
 
 import checkpoint  # noqa: E402  (conftest put the repo on sys.path)
 import device as device_lib  # noqa: E402
@@ -44,9 +44,6 @@ import trainer as trainer_lib  # noqa: E402
 import utils  # noqa: E402
 from cli import UserError  # noqa: E402
 
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "RANK_ID", "RANK_SIZE",
-               "MASTER_ADDR", "MASTER_PORT", "NNODES", "NODE_RANK", "TORCHELASTIC_RUN_ID",
-               "TORCHELASTIC_RESTART_COUNT", "ASCEND_DEVICE_ID", "OUTPUT_ROOT")
 # The brief's small flags (as the launchers' users would pass them after the launcher's own).
 SMALL = ["--device", "cpu", "--model", "densenet121", "--train-crop-size", "32", "--val-resize-size", "32",
          "--val-crop-size", "32", "--workers", "0", "-b", "8", "--print-freq", "2", "--warmup-steps", "2"]
@@ -62,20 +59,6 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 # Helpers
 # ----------------------------------------------------------------------------
 
-def clean_env(**extra):
-    """This environment without launcher variables (pytest itself may run under one), one thread per process."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    env["OMP_NUM_THREADS"] = "1"
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-def free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def port_is_free(port):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         try:
@@ -86,20 +69,11 @@ def port_is_free(port):
 
 
 def launcher(script, args, env, timeout=300):
-    return subprocess.run(["bash", os.path.join(REPO, "test", script), *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_script(script, args, env=env, timeout=timeout, inherit_env=False)
 
 
 def main_py(args, env=None, timeout=300):
-    return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *map(str, args)], cwd=REPO,
-                          env=env or clean_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def ok(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n" \
-                                 f"{proc.stderr[-6000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-6000:]
-    return proc.stdout
+    return run_main([str(a) for a in args], env=env or clean_env(), timeout=timeout, inherit_env=False)
 
 
 def read_summary(path):
@@ -231,7 +205,7 @@ def run_1p(dataset, tmp_path_factory):
     env = clean_env(OUTPUT_ROOT=root, RANK_SIZE=8, RANK_ID=0)
     proc = launcher("train_full_1p.sh", [f"--data_path={dataset}", "--epochs=3", "--device_id=3",
                                          "--batch_size=64", "--ckpt_path=/x", "--conda_name=y", *SMALL], env)
-    ok(proc)
+    assert_ok(proc)
     out = os.path.join(root, "3")
     with open(os.path.join(out, "train_3.log")) as f:
         lines = f.read().splitlines()
@@ -249,7 +223,7 @@ def run_2p(dataset, tmp_path_factory):
     args = SMALL[:i] + SMALL[i + 2:]  # --workers 2 instead of 0
     proc = launcher("train_full_8p.sh", [f"--data_path={dataset}", "--epochs=2", *args, "--workers", "2",
                                          "--cache-dataset"], env)
-    ok(proc)
+    assert_ok(proc)
     out = os.path.join(root, "0")
     with open(os.path.join(out, "train_0.log")) as f:
         lines = f.read().splitlines()
@@ -265,7 +239,7 @@ def run_perf(dataset, tmp_path_factory):
     """train_performance_1p.sh: 1 epoch (at most 100 steps; 12 here)."""
     root = tmp_path_factory.mktemp("outperf")
     proc = launcher("train_performance_1p.sh", [f"--data_path={dataset}", *SMALL], clean_env(OUTPUT_ROOT=root))
-    ok(proc)
+    assert_ok(proc)
     out = os.path.join(root, "0")
     with open(os.path.join(out, "train_0.log")) as f:
         lines = f.read().splitlines()
@@ -506,7 +480,7 @@ def test_original_checkpoint_is_shaped_as_apex_o2_writes_it(original_checkpoint)
 def test_resume_from_original_checkpoint(original_checkpoint, dataset, tmp_path):
     out = tmp_path / "resumed"
     path = original_checkpoint["path"]
-    stdout = ok(main_py(["--data-path", dataset, *SMALL, "--epochs", "3", "--max-steps", "3", "--resume", path,
+    stdout = assert_ok(main_py(["--data-path", dataset, *SMALL, "--epochs", "3", "--max-steps", "3", "--resume", path,
                          "--output-dir", out]))
     n_params = len(list(original_checkpoint["model"].parameters()))
     assert f"Resumed from {path}: weights after epoch 1; continuing at epoch 2, step 0" in stdout, stdout
@@ -549,7 +523,7 @@ def build_cpu_trainer(dataset, tmp_path, extra=()):
 
 def test_pretrained_from_original_checkpoint(original_checkpoint, dataset, tmp_path):
     path = original_checkpoint["path"]
-    stdout = ok(main_py(["--data-path", dataset, *SMALL, "--epochs", "1", "--max-steps", "3", "--pretrained",
+    stdout = assert_ok(main_py(["--data-path", dataset, *SMALL, "--epochs", "1", "--max-steps", "3", "--pretrained",
                          "--pretrained_weight_path", path, "--output-dir", tmp_path / "ft"]))
     assert f"Loaded pretrained weights from {path}" in stdout, stdout
     assert "Classifier re-initialised" not in stdout  # 3 classes in the file and in the data
@@ -558,7 +532,7 @@ def test_pretrained_from_original_checkpoint(original_checkpoint, dataset, tmp_p
 
 def test_test_only_on_original_checkpoint(original_checkpoint, dataset, tmp_path):
     path = original_checkpoint["path"]
-    stdout = ok(main_py(["--data-path", dataset, *SMALL, "--test-only", "--resume", path,
+    stdout = assert_ok(main_py(["--data-path", dataset, *SMALL, "--test-only", "--resume", path,
                          "--output-dir", tmp_path / "eval"]))
     assert f"Evaluating {path}: weights after epoch 1" in stdout, stdout
     assert re.search(r" \* Acc@1 [\d.]+ Acc@5 [\d.]+ \(12 images\)", stdout), stdout
@@ -665,7 +639,7 @@ def test_hand_launched_rank_id_processes_train_together(dataset, tmp_path):
                 q.kill()
             raise
         results.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
-    rank0, rank1 = (ok(r) for r in results)
+    rank0, rank1 = (assert_ok(r) for r in results)
     for rank, text in ((0, rank0), (1, rank1)):
         assert f"Joining the process group: rank {rank} of 2, gloo, rendezvous at 127.0.0.1:{ORIGINAL_PORT}" \
             in text, text

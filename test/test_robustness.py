@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_main, run_script,
+from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, free_port, run_main, run_script,
                       write_image_folder)
 
 # One OpenMP thread per run: on a small busy machine, OpenMP threads spin-waiting on a shared core made each
@@ -65,12 +64,6 @@ def file_hashes(folder):
 def load_checkpoint(path):
     import checkpoint
     return checkpoint.load_safe(str(path))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class LiveRun:
