@@ -73,6 +73,7 @@ import densenet  # noqa: E402
 import device as device_lib  # noqa: E402
 import main as main_lib  # noqa: E402
 import trainer as trainer_lib  # noqa: E402
+import utils  # noqa: E402
 
 SECTIONS = ("compute", "pipeline", "e2e", "scaling")
 REFERENCES = ("fp32", "amp")
@@ -293,12 +294,8 @@ def measure(configs, device, memory, warmup, steps, windows):
             c.step = None
             out(f"  {c.label}: skipped, out of device memory ({str(e).splitlines()[0][:120]})")
             memory.release()
-    live = [c for c in configs if c.step is not None]
-    rates = {c.label: [] for c in live}
-    for _ in range(windows):
-        for c in live:
-            rates[c.label] += time_windows(c.step, c.images, device, 0, steps, 1)
-    return rates
+    return interleaved([(c.label, c.step, c.images) for c in configs if c.step is not None], device, 0, steps,
+                       windows)
 
 
 # ----------------------------------------------------------------------------
@@ -758,9 +755,7 @@ def _scaling_worker(rank, world, port, args, result_path):
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.parent_threads // world))  # the same cores, split between ranks
     import torch.distributed as dist
-    # As utils.init_distributed: NCCL's communicator bound to this GPU up front.
-    dist.init_process_group(device.dist_backend, rank=rank, world_size=world,
-                            **({"device_id": device.torch_device} if device.dist_backend == "nccl" else {}))
+    utils.init_distributed(utils.launcher_env(), device, device.dist_backend)  # as main.py joins its job
     local = args.batch_size // world
     spec = OursSpec(device, args, local, distributed=True, world_size=world)
     step = ours_step_fn(spec.build(), spec.args, synthetic_batch(local, args.image_size, seed=args.seed + rank,
@@ -780,7 +775,7 @@ def _scaling_worker(rank, world, port, args, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             f.write(",".join(str(r) for r in rates))
-    dist.destroy_process_group()
+    utils.cleanup_distributed()
 
 
 def free_port():

@@ -370,7 +370,7 @@ def resume(args, resume_arg, trainer, classes, rank, world_size, log=print):
         point.epoch, point.step = ckpt["next_epoch"], ckpt.get("next_step", 0)
         point.best_acc1 = ckpt.get("best_acc1", 0.0)
         point.rng = _this_ranks_rng(ckpt, path, point.step, rank, world_size)
-        saved_batch = ckpt.get("args", {}).get("batch_size", args.batch_size)
+        saved_batch = saved_config(ckpt).get("batch_size", args.batch_size)
         if point.step and saved_batch != args.batch_size:  # the sampler skips next_step * batch samples
             raise UserError(f"{path} was saved mid-epoch (step {point.step}) with --batch-size {saved_batch}; "
                             f"resume it with the same --batch-size (or from an epoch-end model_<epoch>.pth)")

@@ -268,8 +268,9 @@ class MixedPrecision:
                                                else 2.0 ** 16, growth_interval=growth_interval)
 
     @property
-    def enabled(self):
-        return self.backend != "off"
+    def npu_fused(self):
+        """Ascend's fused path: apex on an NPU at an opt level where its amp takes combine_grad and NpuFusedSGD."""
+        return self.backend == "apex" and self.device.type == "npu" and self.opt_level in APEX_FUSED_SGD_OPT_LEVELS
 
     # -- set-up --------------------------------------------------------------
     def initialize(self, model, optimizer):
@@ -279,7 +280,7 @@ class MixedPrecision:
         self.apex_amp = _import_apex_amp()
         kwargs = dict(opt_level=self.opt_level,
                       loss_scale=self.loss_scale if isinstance(self.loss_scale, float) else "dynamic")
-        if self.device.type == "npu" and self.opt_level in APEX_FUSED_SGD_OPT_LEVELS:
+        if self.npu_fused:
             # Ascend fork: fuse gradient buffers for fewer kernel launches (its amp refuses it at O0/O3).
             kwargs["combine_grad"] = True
         return self.apex_amp.initialize(model, optimizer, **kwargs)
@@ -289,9 +290,8 @@ class MixedPrecision:
         if self.backend == "off":
             text = "fp32 (no mixed precision)"
         elif self.backend == "apex":
-            scale = self.loss_scale if isinstance(self.loss_scale, float) else "dynamic"
-            text = f"apex amp opt_level={self.opt_level}, loss scale {scale:g}" if isinstance(scale, float) else \
-                f"apex amp opt_level={self.opt_level}, dynamic loss scale"
+            text = f"apex amp opt_level={self.opt_level}, " + (f"loss scale {self.loss_scale:g}" if self.static_scale
+                                                                 else "dynamic loss scale")
         else:
             dtype = "bf16" if self.dtype == torch.bfloat16 else "fp16"
             text = f"native torch.autocast({self.device.type}, {dtype})"
@@ -394,11 +394,12 @@ def build_mixed_precision(args, device):
         backend = "apex" if device.type == "npu" and _import_apex_amp() is not None else "native"
     notes = []
     if backend == "apex":
-        if device.type == "npu" and opt_level not in APEX_FUSED_SGD_OPT_LEVELS:
-            notes.append(f"plain torch SGD (Ascend's NpuFusedSGD supports opt levels "
-                         f"{'/'.join(APEX_FUSED_SGD_OPT_LEVELS)} only)")
-        return MixedPrecision(device=device, backend="apex", dtype=torch.float16, loss_scale=loss_scale,
-                              opt_level=opt_level, notes=notes)
+        amp = MixedPrecision(device=device, backend="apex", dtype=torch.float16, loss_scale=loss_scale,
+                             opt_level=opt_level)
+        if device.type == "npu" and not amp.npu_fused:
+            amp.notes.append(f"plain torch SGD (Ascend's NpuFusedSGD supports opt levels "
+                             f"{'/'.join(APEX_FUSED_SGD_OPT_LEVELS)} only)")
+        return amp
     if device.type == "npu":
         notes.append("apex is not installed: native torch.amp")
     elif args.apex_opt_level is not None:
@@ -426,8 +427,7 @@ def build_sgd(param_groups, lr, momentum, device, amp=None):
     GradScaler with the foreach SGD reads the overflow flag on the host every step (a sync); the fused
     CUDA SGD takes it on the device (_step_supports_amp_scaling). On Ascend, apex's NpuFusedSGD is the
     fused kernel; native fp16 there pays that sync (see README, Mixed precision)."""
-    if amp is not None and amp.backend == "apex" and device.type == "npu" and \
-            amp.opt_level in APEX_FUSED_SGD_OPT_LEVELS:
+    if amp is not None and amp.npu_fused:
         from apex.optimizers import NpuFusedSGD  # Ascend fork: one fused kernel for all params
         return NpuFusedSGD(param_groups, lr=lr, momentum=momentum)
     if device.type == "cuda":

@@ -216,8 +216,7 @@ def validate_args(args):
             raise UserError(f"--output-dir {args.output_dir}: cannot create ({e.strerror})")
         if not os.access(args.output_dir, os.W_OK):
             raise UserError(f"--output-dir {args.output_dir}: not writable")
-        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
-        if launch.rank == 0 and not (args.resume or args.test_only or restarted):
+        if launch.rank == 0 and not (args.resume or args.test_only or utils.restarted_by_torchrun()):
             checkpoint.check_fresh_output_dir(args.output_dir, args.overwrite)
 
 
@@ -273,10 +272,9 @@ def setup(args):
     # --workers is per machine, shared among its ranks (the original's rule: ceil(workers / ranks per node)).
     workers = data_lib.default_workers(launch.local_world_size) if args.workers is None else \
         -(-args.workers // launch.local_world_size)
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0  # torchrun --max-restarts
     return Run(device=device, rank=launch.rank, local_rank=launch.local_rank, world_size=launch.world_size,
                local_world_size=launch.local_world_size, local_batch=args.batch_size // launch.world_size,
-               workers=workers, resume=args.resume or ("auto" if restarted else ""),
+               workers=workers, resume=args.resume or ("auto" if utils.restarted_by_torchrun() else ""),
                channels_last=device.channels_last_default if args.channels_last is None else args.channels_last)
 
 
@@ -447,7 +445,7 @@ class StopSignal:
 
     def should_stop(self):
         """True on every rank as soon as any rank was signalled."""
-        return utils.any_rank(self.requested)
+        return utils.any_rank(self.requested)[0]
 
 
 class Meter:
@@ -510,7 +508,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, args, stop):
         # One small collective per step: a rank with fewer than 2 images (BatchNorm cannot train on one when the
         # last feature map is 1x1) makes all ranks skip the step together, as DDP's all-reduce pairs them up;
         # and a stop signal on any rank reaches all.
-        skip, stop_now = utils.any_rank(n < 2, stop.requested) if utils.is_dist() else (n < 2, stop.requested)
+        skip, stop_now = utils.any_rank(n < 2, stop.requested)
         if skip:
             if n == 1:  # (a batch of 0 readable images has had its files named already)
                 warn(f"epoch {epoch} step {step + 1}: skipped a batch of 1 readable image (training needs 2)")

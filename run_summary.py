@@ -13,20 +13,7 @@ import os
 import sys
 
 from cli import UserError, run_tool
-
-
-def read_records(path):
-    """metrics.jsonl's records, the last one of each epoch (a resumed run may repeat an epoch)."""
-    by_epoch = {}
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line torn by a kill
-            if isinstance(record, dict) and "epoch" in record:
-                by_epoch[record["epoch"]] = record
-    return [by_epoch[e] for e in sorted(by_epoch)]
+from plot_metrics import read_metrics  # one reader of metrics.jsonl: the last record of each epoch
 
 
 def fmt(value, digits=3):
@@ -71,7 +58,7 @@ def main(args):
     with open(run_file) as f:
         run = json.load(f)
     metrics = os.path.join(args.output_dir, "metrics.jsonl")
-    records = read_records(metrics) if os.path.isfile(metrics) else []
+    records = read_metrics(metrics) if os.path.isfile(metrics) else []
     summary = summarize(run, records, args.mode, args.e2e_seconds)
     print("------------------ Final result ------------------")
     print(f"Final Performance images/sec : {summary['ActualFPS']}")

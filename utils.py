@@ -134,13 +134,17 @@ def cleanup_distributed():
 
 
 def any_rank(*flags):
-    """For each flag, True on every rank if it is true on any rank: one small collective for all of them."""
+    """A tuple: for each flag, True on every rank if it is true on any rank (one small collective for all)."""
     if not is_dist():
-        return tuple(bool(f) for f in flags) if len(flags) > 1 else bool(flags[0])
+        return tuple(bool(f) for f in flags)
     t = torch.tensor([1 if f else 0 for f in flags])
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group)
-    out = tuple(bool(x) for x in t.tolist())
-    return out if len(flags) > 1 else out[0]
+    return tuple(bool(x) for x in t.tolist())
+
+
+def restarted_by_torchrun():
+    """True in a job that torchrun --max-restarts started again after a failure."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
 
 
 def broadcast_from_main(obj):
