@@ -1,10 +1,11 @@
 """Throughput benchmark: a plain PyTorch loop against this repo's training step, in one process, same inputs.
 
-    python benchmark.py                                     # every section (~8 min on 2 CPU cores)
+    python benchmark.py                                     # compute, pipeline, e2e, scaling (~8 min, 2 CPU cores)
     python benchmark.py --sections compute                  # DenseNet-201 224, synthetic (batch 16 CPU, 128 GPU/NPU)
     python benchmark.py --sections compute -b 128,256 --amp-dtype fp16 --channels-last both --compile --json r.json
     python benchmark.py --sections pipeline,e2e --data-dir /data/imagenet/train
     python benchmark.py --sections scaling --scaling-batches 8,16 --scaling-sizes 160,224 --scaling-procs 1,2
+    python benchmark.py --sections control --control-procs 2,4      # the per-step control collective's cost
 
 What is timed is what trains: "ours" is trainer.build_trainer(...) + Trainer.step (the step main.py's epoch
 loop runs, plus that loop's device-side loss/accuracy sums, main.Meter), configured by main.py's own argument
@@ -42,6 +43,13 @@ Sections:
             has an AMP dtype, else fp32).
   scaling   ours only: batch size, resolution, and 1 vs N processes (DDP via build_trainer(distributed=True);
             gloo on CPU, nccl on CUDA) at the same global batch.
+  control   the control collective of main.py's training loop, utils.any_rank(flag, flag) (a blocking all-reduce
+            of two flags on the gloo side group): with N spawned ranks (--control-procs, on this host), the
+            median and 90th percentile of --control-calls back-to-back calls (the collective's own latency; a
+            rank that arrives late makes the others wait longer still), and its share of one DDP training step
+            of ours at the same global batch (-b, --image-size; median of the windows); then what the step
+            pays for it as main.py runs it, started a step ahead (utils.any_rank_async) and read after the
+            step. Not in the default list: add it to --sections.
 
 --json PATH writes {"meta": {...}, "results": {label: {"img_per_s": [one per window], "median": ...,
 "peak_memory_mib": ... (null on CPU), "compile_s": ..., "section", "batch", "kind", "precision", "layout",
@@ -75,7 +83,8 @@ import main as main_lib  # noqa: E402
 import trainer as trainer_lib  # noqa: E402
 import utils  # noqa: E402
 
-SECTIONS = ("compute", "pipeline", "e2e", "scaling")
+SECTIONS = ("compute", "pipeline", "e2e", "scaling", "control")
+DEFAULT_SECTIONS = ("compute", "pipeline", "e2e", "scaling")
 REFERENCES = ("fp32", "amp")
 # (batch size, warm-up steps, steps per window, windows) when not given
 ACCELERATOR_DEFAULTS = ("128", 10, 20, 5)
@@ -86,7 +95,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     a = p.add_argument
-    a("--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
+    a("--sections", default=",".join(DEFAULT_SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS))
     a("--device", default="auto", choices=device_lib.DEVICE_TYPES)
     a("--model", default="densenet201", choices=sorted(densenet.MODELS))
     a("-b", "--batch-size", default=None,
@@ -116,6 +125,8 @@ def get_args(argv=None):
     a("--scaling-batches", default="8,16,32")
     a("--scaling-sizes", default="112,160,224")
     a("--scaling-procs", default="1,2")
+    a("--control-procs", default="2,4", help="control: numbers of ranks (each >= 2)")
+    a("--control-calls", type=int, default=2000, help="control: timed any_rank calls per rank count")
     a("--seed", type=int, default=0)
     args = p.parse_args(argv)
     args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -135,6 +146,9 @@ def get_args(argv=None):
             p.error(f"--{name} must be >= 1")
     if args.warmup is not None and args.warmup < 0:
         p.error("--warmup must be >= 0")
+    if "control" in args.sections and (not ints(args.control_procs) or min(ints(args.control_procs)) < 2
+                                       or args.control_calls < 1):
+        p.error("--control-procs: rank counts >= 2, separated by commas; --control-calls >= 1")
     return args
 
 
@@ -747,19 +761,30 @@ def section_e2e(args, device, memory, root):
         out(f"  ours real / reference real: {r / statistics.median(reference):.2f}x")
 
 
-def _scaling_worker(rank, world, port, args, result_path):
+def _join_job(rank, world, port, args):
+    """A spawned rank joins a `world`-rank job on this host as main.py joins its job; returns its device."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     device = device_lib.resolve_device(args.device, rank)
     device_lib.configure_backends(device, deterministic=False)
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.parent_threads // world))  # the same cores, split between ranks
-    import torch.distributed as dist
-    utils.init_distributed(utils.launcher_env(), device, device.dist_backend)  # as main.py joins its job
+    utils.init_distributed(utils.launcher_env(), device, device.dist_backend)
+    return device
+
+
+def _ddp_step_fn(rank, world, device, args):
+    """One DDP training step of ours, at the global batch -b split over the ranks."""
     local = args.batch_size // world
     spec = OursSpec(device, args, local, distributed=True, world_size=world)
-    step = ours_step_fn(spec.build(), spec.args, synthetic_batch(local, args.image_size, seed=args.seed + rank,
+    return ours_step_fn(spec.build(), spec.args, synthetic_batch(local, args.image_size, seed=args.seed + rank,
                                                                   pin_memory=device.is_accelerator))
+
+
+def _ddp_step_rates(rank, world, device, args, step=None):
+    """Global img/s of each timed window of ours under DDP, at the global batch -b split over the ranks."""
+    import torch.distributed as dist
+    step = step or _ddp_step_fn(rank, world, device, args)
     for _ in range(args.warmup):
         step()
     rates = []
@@ -772,6 +797,12 @@ def _scaling_worker(rank, world, port, args, result_path):
         device.synchronize()
         dist.barrier()
         rates.append(args.batch_size * args.steps / (time.perf_counter() - start))  # global img/s
+    return rates
+
+
+def _scaling_worker(rank, world, port, args, result_path):
+    device = _join_job(rank, world, port, args)
+    rates = _ddp_step_rates(rank, world, device, args)
     if rank == 0:
         with open(result_path, "w") as f:
             f.write(",".join(str(r) for r in rates))
@@ -812,25 +843,106 @@ def section_scaling(args, device, memory):
         memory.release()
     out(f"  processes (global batch {args.batch_size}, {args.image_size}px; DDP, {device.dist_backend}; "
         f"CPU threads split between processes):")
-    import torch.multiprocessing as mp
     args.parent_threads = torch.get_num_threads()
     for world in ints(args.scaling_procs):
-        if args.batch_size % world:
-            out(f"    {world} processes: skipped (batch {args.batch_size} does not divide)")
+        text = _run_ranks(_scaling_worker, world, args, device, f"    {world} processes")
+        if text is None:
             continue
-        if device.is_accelerator and device.module().device_count() < world:
-            out(f"    {world} processes: skipped (only {device.module().device_count()} {device.type} devices)")
-            continue
-        with tempfile.NamedTemporaryFile(suffix=".txt", delete=False) as f:
-            path = f.name
-        mp.spawn(_scaling_worker, args=(world, free_port(), args, path), nprocs=world, join=True)
-        with open(path) as f:
-            rates = [float(x) for x in f.read().split(",")]
-        os.unlink(path)
+        rates = [float(x) for x in text.split(",")]
         results[("procs", world)] = rates
         out(f"    {world} process{'es' if world > 1 else '  '} {fmt_rates(rates)}  (global)")
         record(f"scaling processes: {world}", "scaling", rates, kind="ours", processes=world,
                batch=args.batch_size, image_size=args.image_size)
+    return results
+
+
+def _run_ranks(worker, world, args, device, label):
+    """worker(rank, world, port, args, result_path) on `world` spawned ranks of this host; the text rank 0
+    wrote to result_path, or None (said after `label`) when the batch or the devices do not allow `world`."""
+    if args.batch_size % world:
+        out(f"{label}: skipped (batch {args.batch_size} does not divide)")
+        return None
+    if device.is_accelerator and device.module().device_count() < world:
+        out(f"{label}: skipped (only {device.module().device_count()} {device.type} devices)")
+        return None
+    import torch.multiprocessing as mp
+    with tempfile.NamedTemporaryFile(suffix=".txt", delete=False) as f:
+        path = f.name
+    try:
+        mp.spawn(worker, args=(world, free_port(), args, path), nprocs=world, join=True)
+        with open(path) as f:
+            return f.read()
+    finally:
+        os.unlink(path)
+
+
+def _control_worker(rank, world, port, args, result_path):
+    device = _join_job(rank, world, port, args)
+    # The collective alone, as the training loop calls it (two flags), back to back after a warm-up.
+    for _ in range(50):
+        utils.any_rank(False, False)
+    calls = []
+    for _ in range(args.control_calls):
+        start = time.perf_counter()
+        utils.any_rank(False, False)
+        calls.append(time.perf_counter() - start)
+    # The training step it is paid on.
+    step = _ddp_step_fn(rank, world, device, args)
+    rates = _ddp_step_rates(rank, world, device, args, step)
+    # As main.py's loop runs it: started a step ahead (utils.any_rank_async), read after the step computed.
+    # What the step pays is the start plus the wait for a result that is (nearly always) already there.
+    # Both ways, between training steps as in the loop: blocking (the previous loop) and overlapped.
+    blocking, overlapped = [], []
+    for _ in range(max(args.steps, 5)):
+        step()
+        start = time.perf_counter()
+        utils.any_rank(False, False)
+        blocking.append(time.perf_counter() - start)
+    for _ in range(max(args.steps, 5)):
+        start = time.perf_counter()
+        result = utils.any_rank_async(False, False)
+        launched = time.perf_counter() - start
+        step()
+        start = time.perf_counter()
+        result()
+        overlapped.append(launched + time.perf_counter() - start)
+    if rank == 0:
+        with open(result_path, "w") as f:
+            json.dump({"calls_s": calls, "rates": rates, "blocking_s": blocking, "overlapped_s": overlapped}, f)
+    utils.cleanup_distributed()
+
+
+def section_control(args, device):
+    out(f"== control: utils.any_rank (the per-step stop/small-batch agreement) vs a DDP step of ours, "
+        f"{args.model} {args.image_size}px, global batch {args.batch_size}, {device.describe()} ==")
+    if device.is_accelerator:
+        out("  (the collective runs on the gloo side group, over the host, whatever the device)")
+    args.parent_threads = torch.get_num_threads()
+    results = {}
+    for world in ints(args.control_procs):
+        text = _run_ranks(_control_worker, world, args, device, f"  {world} ranks")
+        if text is None:
+            continue
+        measured = json.loads(text)
+        calls = sorted(measured["calls_s"])
+        median_us = statistics.median(calls) * 1e6
+        p90_us = calls[int(0.9 * (len(calls) - 1))] * 1e6
+        step_s = args.batch_size / statistics.median(measured["rates"])
+        share = median_us * 1e-6 / step_s
+        results[world] = (median_us, step_s)
+        blocking_us = statistics.median(measured["blocking_s"]) * 1e6
+        overlapped_us = statistics.median(measured["overlapped_s"]) * 1e6
+        out(f"  {world} ranks: any_rank median {median_us:8.1f} us, p90 {p90_us:8.1f} us ({len(calls)} calls); "
+            f"step {step_s * 1e3:9.1f} ms (median of {len(measured['rates'])} windows); "
+            f"one call per step = {100 * share:.4f}% of the step")
+        out(f"    between steps (median of {len(measured['blocking_s'])} steps): blocking {blocking_us:.1f} us "
+            f"({100 * blocking_us * 1e-6 / step_s:.4f}% of a step); started a step ahead, as main.py runs it: "
+            f"{overlapped_us:.1f} us ({100 * overlapped_us * 1e-6 / step_s:.4f}%)")
+        record(f"control: any_rank, {world} ranks", "control", measured["rates"], kind="ours", processes=world,
+               batch=args.batch_size, image_size=args.image_size, any_rank_median_us=round(median_us, 2),
+               any_rank_p90_us=round(p90_us, 2), any_rank_calls=len(calls), step_s=round(step_s, 6),
+               blocking_between_steps_median_us=round(blocking_us, 2), overlapped_median_us=round(overlapped_us, 2),
+               any_rank_share_of_step=share)
     return results
 
 
@@ -867,6 +979,8 @@ def main(argv=None):
                 section_e2e(args, device, memory, root)
             elif section == "scaling":
                 section_scaling(args, device, memory)
+            elif section == "control":
+                section_control(args, device)
             out(f"  ({section}: {time.perf_counter() - start:.0f} s)")
             write_json(args.json, args, device)
     finally:

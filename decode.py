@@ -9,7 +9,8 @@
     ~1.5x faster) and torch's vectorised uint8 antialiased resize crops it (~2x faster than PIL's; within
     2 grey levels of PIL's, mean difference ~0.02). When the crop is at least 2x the output size, libjpeg
     decodes at 1/2, 1/4 or 1/8 scale (PIL's draft): it pays on big photos (benchmark.py measures it) but
-    never applies to ImageNet-sized (~500x375) images at 224. PNG, CMYK, ... take the PIL path.
+    never applies to ImageNet-sized (~500x375) images at 224. PNG, CMYK, ... take the PIL path, and so does
+    a JPEG that libjpeg-turbo refuses through torchvision (PIL decodes some of those) before it counts as bad.
     The dataset reads files with load_encoded (bytes + header, no pixels) and FastRandomResizedCrop
     decodes them: data.train_dataset wires the two together explicitly.
 """
@@ -153,7 +154,13 @@ class FastRandomResizedCrop:
                 pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
             elif (r == 1 and _decode_jpeg is not None and image.format == "JPEG" and image.mode in ("RGB", "L")
                   and image.data.rfind(b"\xff\xd9", len(image.data) - 64) >= 0):  # no end marker: let PIL judge
-                pixels = _decode_jpeg(torch.frombuffer(image.data, dtype=torch.uint8), mode=_ImageReadMode.RGB)
+                try:
+                    pixels = _decode_jpeg(torch.frombuffer(image.data, dtype=torch.uint8), mode=_ImageReadMode.RGB)
+                except RuntimeError:
+                    # torchvision stops at the first libjpeg complaint that PIL's libjpeg only warns about (a
+                    # stray marker inside the compressed data reads as "truncated" there): PIL has the last
+                    # word. The crop box was drawn above, so the crop is the one the fast path would take.
+                    pixels = torch.from_numpy(np.array(load_rgb(image.path))).permute(2, 0, 1)
             elif r > 1:  # decode at 1/r scale (pixel k covers original pixels [k*r, (k+1)*r)), resize the box
                 with Image.open(io.BytesIO(image.data)) as img:
                     img.draft("RGB", (width // r, height // r))

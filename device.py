@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from cli import UserError
@@ -200,7 +201,33 @@ def place_model(model, device, channels_last=False, sync_bn=False):
 
 
 def wrap_ddp(model, device):
+    """DDP; its constructor broadcasts rank 0's parameters and buffers, so every rank starts from rank 0's."""
     return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.is_accelerator else None)
+
+
+@torch.no_grad()
+def average_running_stats(modules):
+    """Make the BatchNorm running statistics of `modules` the same on every rank: their mean over the ranks.
+
+    DDP broadcasts rank 0's buffers before each forward, then each rank updates them with its own batch, so
+    after training every rank holds different ones. Averaging them (as timm's distribute_bn does) lets every
+    rank evaluate, and rank 0 save, the same model. All-reduces on the default process group, so on the
+    device's own backend (gloo, NCCL, HCCL); num_batches_tracked is the same everywhere and stays. No-op
+    outside a distributed run.
+
+    One all-reduce per module: a collective sums an element in an order that depends on its position in the
+    buffer, so the EMA's statistics, when they equal the model's, must sit where the model's do to stay equal."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for module in modules:
+        stats = [b for name, b in module.named_buffers() if name.endswith(("running_mean", "running_var"))]
+        for dtype in sorted({b.dtype for b in stats}, key=str):  # fp32 in practice; one flat buffer per dtype
+            same = [b for b in stats if b.dtype == dtype]
+            flat = torch.cat([b.reshape(-1) for b in same])
+            dist.all_reduce(flat)
+            flat /= dist.get_world_size()
+            for b, mean in zip(same, flat.split([b.numel() for b in same])):
+                b.copy_(mean.view_as(b))
 
 
 # ----------------------------------------------------------------------------
@@ -219,6 +246,8 @@ AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # The Ascend original's defaults for --apex-opt-level and --loss_scale_value (its train.py), kept for drop-in use.
 DEFAULT_OPT_LEVEL = "O1"
 DEFAULT_LOSS_SCALE = 1024.0
+# A static scale's GradScaler grows after this many clean steps: never (the int32 growth tracker's maximum).
+STATIC_GROWTH_INTERVAL = 2 ** 31 - 1
 APEX_FUSED_SGD_OPT_LEVELS = ("O1", "O2")  # Ascend's NpuFusedSGD refuses the others
 
 
@@ -261,11 +290,14 @@ class MixedPrecision:
         # Steps whose gradients overflowed and were skipped; a device tensor so that counting costs no sync.
         self.skipped_steps = torch.zeros((), dtype=torch.int64, device=device.torch_device)
         if self.backend == "native" and self.dtype == torch.float16:
-            # GradScaler's defaults (x2 after growth_interval clean steps, x0.5 on overflow). It refuses factors
-            # of 1, so a static scale is kept instead by resetting it in every update() (see backward_and_step);
-            # overflowing steps are still skipped.
+            # GradScaler's defaults (x2 after growth_interval clean steps, x0.5 on overflow). It refuses a growth
+            # factor of 1, so a static scale never grows by a growth interval that is never reached, and is put
+            # back after the x0.5 of an overflow (see backward_and_step); overflowing steps are still skipped.
             self.scaler = torch.amp.GradScaler(device.type, init_scale=self.loss_scale if self.static_scale
-                                               else 2.0 ** 16, growth_interval=growth_interval)
+                                               else 2.0 ** 16,
+                                               growth_interval=STATIC_GROWTH_INTERVAL if self.static_scale
+                                               else growth_interval)
+            self._one = torch.ones((), device=device.torch_device)  # scaler.scale(one): the scale, on the device
 
     @property
     def npu_fused(self):
@@ -332,15 +364,19 @@ class MixedPrecision:
                 torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
             optimizer.step()
             return
+        # GradScaler's public API only (its per-optimizer overflow flags are private). update() halves the scale
+        # exactly when the step overflowed and was skipped (and a static scale never grows), so a scale that
+        # went down counts a skipped step: compared on the device, no host sync.
+        scale_before = self.scaler.scale(self._one)
         self.scaler.scale(loss).backward()
-        self.scaler.unscale_(optimizer)  # real gradients, for clipping and for the overflow check
         if clip_grad_norm:
+            self.scaler.unscale_(optimizer)  # clip the real gradients (step() unscales them otherwise)
             torch.nn.utils.clip_grad_norm_(parameters, clip_grad_norm)
-        found_inf = self.scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-        for flag in found_inf.values():
-            self.skipped_steps += flag.to(self.skipped_steps.device, torch.int64)
-        self.scaler.step(optimizer)  # skipped when found_inf
-        self.scaler.update(self.loss_scale if self.static_scale else None)
+        self.scaler.step(optimizer)  # skipped when a gradient is inf/nan
+        self.scaler.update()
+        self.skipped_steps += self.scaler.scale(self._one) < scale_before
+        if self.static_scale:
+            self.scaler.update(self.loss_scale)  # undo an overflow's back-off: the scale stays the one given
 
     def current_scale(self):
         if self.scaler is not None:
@@ -352,6 +388,10 @@ class MixedPrecision:
         state = {"backend": self.backend, "skipped_steps": int(self.skipped_steps)}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
+            if self.static_scale:
+                # Its growth tracker counts clean steps towards a growth that never comes: not state. Saved as 0,
+                # so a run resumed with a dynamic scale starts its growth interval afresh.
+                state["scaler"]["_growth_tracker"] = 0
         if self.apex_amp is not None:
             state["apex"] = self.apex_amp.state_dict()
         return state

@@ -122,17 +122,22 @@ def main(args):
     opset = args.opset or (11 if args.reference_names else 17)
     if opset < 11:
         raise UserError(f"--opset must be >= 11, got {opset}")
+    if args.output:  # before loading and exporting (the default name needs the model: checked below)
+        checkpoint.check_writable_file(args.output, "--output")
     model, saved, name = checkpoint.build_model_from_weights(args.weights, args.model, args.num_classes)
     num_classes = model.classifier.out_features
     ckpt_args = checkpoint.saved_config(saved)
     image_size = args.image_size or ckpt_args.get("val_crop_size") or 224
     output = args.output or f"{name}.onnx"
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    checkpoint.check_writable_file(output, "--output")
     print(f"Loaded {args.weights}: {name}, {num_classes} classes"
           + (f", epoch {saved['epoch']}" if "epoch" in saved else ""), flush=True)
 
     start = time.time()
-    export(model, output, image_size, opset, args.exporter, args.reference_names)
+    try:
+        export(model, output, image_size, opset, args.exporter, args.reference_names)
+    except OSError as e:  # checked before, but the disk can fill while the file is written
+        raise UserError(f"--output {output}: could not write it ({checkpoint.describe_os_error(e)})") from None
     size_mb = os.path.getsize(output) / 2 ** 20
     written = opset_of(output)
     if written != opset:

@@ -24,6 +24,9 @@ import torch
 import torch.utils.data
 from PIL import Image
 
+import cli
+cli.check_torchvision()  # before `import data`: a torchvision built for another torch is one line, not a traceback
+
 import data as data_lib
 import densenet
 import checkpoint
@@ -138,6 +141,13 @@ def format_line(result):
 
 
 def write_output(path, results, skipped, meta):
+    try:
+        _write_output(path, results, skipped, meta)
+    except OSError as e:  # checked before the work, but the disk can fill or the folder go since
+        raise UserError(f"--output {path}: could not write it ({checkpoint.describe_os_error(e)})") from None
+
+
+def _write_output(path, results, skipped, meta):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.lower().endswith(".json"):
         with open(path, "w") as f:
@@ -161,6 +171,8 @@ def main(args):
         raise UserError(f"--output {args.output}: give a .csv or .json file name")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"--workers must be >= 0, got {args.workers}")
+    if args.output:  # before the work: an unwritable --output must not cost a whole set of predictions
+        checkpoint.check_writable_file(args.output, "--output")
 
     # Which files are images: checked before the model is loaded, so a typo fails fast.
     files, skipped = [], []

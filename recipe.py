@@ -60,6 +60,8 @@ class ModelEma(torch.nn.Module):
     global batch of 1024 updating every 32 steps over 600 epochs; it is adjusted
     for this run's batch, update interval and length (see ema_decay_for_run).
     BatchNorm running statistics are copied, not averaged, as they are already averages.
+    During the learning-rate warm-up every update copies the model (update(model, warmup=True)), as torchvision's
+    reference resets its EMA there (n_averaged.fill_(0): "keep copying weights during warmup period").
 
     The EMA is kept in fp32 whatever the model's dtype: under apex O2 the model is fp16, and an update of
     (1 - decay) * (model - ema) ~ 1e-3 of a weight near 1 is below fp16's resolution there (~5e-4 to 1e-3):
@@ -78,10 +80,14 @@ class ModelEma(torch.nn.Module):
         self.num_updates = 0
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self, model, warmup=False):
+        """One EMA step towards `model`; with warmup=True the EMA becomes a copy of `model`."""
         ema_params = list(self.module.parameters())
         model_params = [p.detach().float() for p in model.parameters()]
-        torch._foreach_lerp_(ema_params, model_params, 1.0 - self.decay)
+        if warmup:
+            torch._foreach_copy_(ema_params, model_params)
+        else:
+            torch._foreach_lerp_(ema_params, model_params, 1.0 - self.decay)
         for ema_b, b in zip(self.module.buffers(), model.buffers()):
             ema_b.copy_(b)
         self.num_updates += 1

@@ -5,14 +5,15 @@ batch, device, model) and metrics.jsonl (one record per epoch). Nothing is grepp
 
 Prints the reference's "Final ..." lines and writes OUTPUT_DIR/<CaseName>.log with its "Key = value" lines
 (Network, RankSize, BatchSize, DeviceType, CaseName, ActualFPS, TrainingTime, TrainAccuracy, ActualLoss,
-E2ETrainingTime, and CompileTime for performance runs). No torch import: it runs in a blink.
+E2ETrainingTime, and CompileTime for performance runs), then our ActualFPSWindow: "steady state", or "whole
+epoch, warm-up included" when the last epoch was too short for a steady state. No torch import: it runs in a
+blink.
 """
-import argparse
 import json
 import os
 import sys
 
-from cli import UserError, run_tool
+from cli import ArgumentParser, UserError, run_tool
 from plot_metrics import read_metrics  # one reader of metrics.jsonl: the last record of each epoch
 
 
@@ -23,7 +24,12 @@ def fmt(value, digits=3):
 def summarize(run, records, mode, e2e_seconds):
     """The summary's key/value pairs, in the reference's order."""
     last = records[-1] if records else {}
-    fps = last.get("fps")
+    # The steady-state rate; an epoch of no more than --warmup-steps steps has none, and then the whole
+    # epoch's rate (all its images over its wall time, warm-up included) is reported, and said to be, rather
+    # than an empty field that the original's greps and a user's tooling would read as nothing.
+    fps, fps_window = last.get("fps"), "steady state"
+    if fps is None and last.get("epoch_fps"):
+        fps, fps_window = last["epoch_fps"], "whole epoch, warm-up included"
     accuracy = last.get("val_acc1")
     case = f"{run['network']}_bs{run['batch_size']}_{run['world_size']}p_{mode}"
     summary = {
@@ -32,7 +38,7 @@ def summarize(run, records, mode, e2e_seconds):
         "BatchSize": run["batch_size"],
         "DeviceType": run["device"],
         "CaseName": case,
-        "ActualFPS": fmt(fps, 2),                                               # steady state, all ranks
+        "ActualFPS": fmt(fps, 2),                                               # all ranks
         "TrainingTime": fmt(run["batch_size"] * 1000 / fps, 2) if fps else "",  # ms per global batch
         "TrainAccuracy": fmt(accuracy),                                         # last validation Acc@1
         "ActualLoss": fmt(last.get("last_loss"), 4),                            # last step's training loss
@@ -40,11 +46,12 @@ def summarize(run, records, mode, e2e_seconds):
     }
     if mode == "perf":
         summary["CompileTime"] = fmt(records[0].get("first_step_time"), 4) if records else ""  # 1st step, s
+    summary["ActualFPSWindow"] = fps_window if fps else ""  # ours, after the original's keys
     return summary
 
 
 def get_args_parser():
-    p = argparse.ArgumentParser(description="Write the launchers' summary file from run.json + metrics.jsonl")
+    p = ArgumentParser(description="Write the launchers' summary file from run.json + metrics.jsonl")
     p.add_argument("output_dir", help="main.py's --output-dir (holds run.json and metrics.jsonl)")
     p.add_argument("--mode", choices=["acc", "perf"], default="acc", help="the CaseName suffix")
     p.add_argument("--e2e-seconds", type=int, default=0, help="launcher start to end, in seconds")
@@ -62,6 +69,9 @@ def main(args):
     summary = summarize(run, records, args.mode, args.e2e_seconds)
     print("------------------ Final result ------------------")
     print(f"Final Performance images/sec : {summary['ActualFPS']}")
+    if summary["ActualFPSWindow"] not in ("", "steady state"):
+        print(f"(images/sec of the {summary['ActualFPSWindow']}: the last epoch had no more steps than "
+              f"--warmup-steps, so no steady-state figure)")
     print(f"Final Train Accuracy : {summary['TrainAccuracy']}")
     print(f"E2E Training Duration sec : {args.e2e_seconds}")
     path = os.path.join(args.output_dir, f"{summary['CaseName']}.log")

@@ -1,8 +1,9 @@
 """The training step, and what it is built from: model, optimizer, mixed precision, EMA, learning rate.
 
 main.py's epoch loop, benchmark.py and the tests all train through Trainer.step, so what is benchmarked
-and tested is what trains. Nothing here logs, reads files or knows which device it is on: device.py
-decides that, main.py reports it.
+and tested is what trains. Nothing here logs or knows which device it is on: device.py decides that, main.py
+reports it. The one file read here is --pretrained's weights (checkpoint.load_pretrained, which logs through
+the `log` it is given).
 """
 import math
 from dataclasses import dataclass
@@ -32,9 +33,11 @@ class Trainer:
     ema: Optional[recipe.ModelEma] = None
     clip_grad_norm: Optional[float] = None
 
-    def step(self, images, targets, lr, update_ema=False):
+    def step(self, images, targets, lr, update_ema=False, ema_warmup=False):
         """One optimizer step on a uint8 batch; returns (output, loss, targets on the device), all detached.
 
+        update_ema: also update the EMA (every --model-ema-steps steps); ema_warmup: during the learning-rate
+        warm-up epochs, where that update makes the EMA a copy of the model (torchvision's reset).
         No host-device synchronisation: the caller reads the returned tensors when it chooses to."""
         images = self.normalize(images)
         targets = targets.to(self.device.torch_device, non_blocking=True)
@@ -49,8 +52,15 @@ class Trainer:
         self.amp.zero_grad(self.optimizer)
         self.amp.backward_and_step(loss, self.optimizer, self.model.parameters(), self.clip_grad_norm)
         if update_ema and self.ema is not None:
-            self.ema.update(self.model_without_ddp)
+            self.ema.update(self.model_without_ddp, warmup=ema_warmup)
         return output.detach(), loss.detach(), targets
+
+    def sync_buffers(self):
+        """Average the BatchNorm running statistics of the model and the EMA over the ranks (no-op on one), so
+        that every rank evaluates the model rank 0 saves. Call it after each epoch's training, before saving
+        and evaluating: all ranks must call it (one collective)."""
+        models = [self.model_without_ddp] + ([self.ema.module] if self.ema is not None else [])
+        device_lib.average_running_stats(models)
 
 
 def build_trainer(args, device, num_classes, amp, *, channels_last, distributed=False, local_batch=None,
@@ -58,7 +68,8 @@ def build_trainer(args, device, num_classes, amp, *, channels_last, distributed=
     """The Trainer for this run's configuration (`args`, never written) on `device`.
 
     Order matters: weights are loaded before the model moves to the device, SyncBatchNorm is converted
-    before apex casts the model, apex wraps model and optimizer before DDP wraps the model, and
+    before apex casts the model, apex wraps model and optimizer before DDP wraps the model, the EMA copies
+    the model after DDP has given every rank rank 0's weights (each rank seeds its own random init), and
     torch.compile wraps last."""
     model = densenet.build_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
                                  memory_efficient=args.memory_efficient)
@@ -68,14 +79,14 @@ def build_trainer(args, device, num_classes, amp, *, channels_last, distributed=
     optimizer = device_lib.build_sgd(param_groups(model, args.weight_decay, args.norm_weight_decay), args.lr,
                                      args.momentum, device, amp)
     model, optimizer = amp.initialize(model, optimizer)
+    model_without_ddp = model
+    if distributed:
+        model = device_lib.wrap_ddp(model, device)
     ema = None
     if args.model_ema:
         decay = recipe.ema_decay_for_run(args.model_ema_decay, world_size, local_batch or args.batch_size,
                                          args.model_ema_steps, args.epochs)
-        ema = recipe.ModelEma(model, decay)
-    model_without_ddp = model
-    if distributed:
-        model = device_lib.wrap_ddp(model, device)
+        ema = recipe.ModelEma(model_without_ddp, decay)
     return Trainer(model=torch.compile(model) if args.compile else model, model_without_ddp=model_without_ddp,
                    optimizer=optimizer, amp=amp, device=device,
                    normalize=data_lib.DeviceNormalize(device.torch_device, channels_last),

@@ -1,14 +1,16 @@
-"""Distributed helpers, logging, throughput, RNG state and metrics files, shared by main.py and the tools.
-Checkpoints and weight files are in checkpoint.py; everything device-specific is in device.py."""
+"""Distributed helpers, logging, throughput and RNG state, shared by main.py and the tools.
+Checkpoints, weight files and the metrics files are in checkpoint.py; everything device-specific is in device.py."""
 import datetime
-import io
-import json
+import itertools
 import os
 import pickle
 import random
+import re
+import socket
 import sys
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -49,49 +51,148 @@ class Launch:
     local_rank: int
     world_size: int
     local_world_size: int
-    style: str  # "torchrun" | "rank_id" (the Ascend original's RANK_ID/RANK_SIZE) | "single"
+    style: str  # "torchrun" | "rank_id" (the Ascend original's RANK_ID/RANK_SIZE) | "slurm" (srun) | "single"
+    # The rendezvous for init_method env://: MASTER_ADDR/MASTER_PORT when set, else what the launch implies
+    # (the original's fixed address for RANK_ID, the job's first node and a port from the job id for Slurm).
+    master_addr: Optional[str] = None
+    master_port: Optional[str] = None
 
 
 # The Ascend original's train.py rendezvous, used when RANK_ID/RANK_SIZE launches set no MASTER_ADDR/PORT.
 ORIGINAL_MASTER_ADDR, ORIGINAL_MASTER_PORT = "127.0.0.1", "29688"
 
 
-def launcher_env(distributed_flag=False, node_rank=0, nodes=1):
-    """This process's Launch from the environment.
+def launcher_env(distributed_flag=False, node_rank=0, nodes=1, env=None):
+    """This process's Launch, from the environment (`env`, default os.environ) alone: no side effects.
 
-    torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (and LOCAL_WORLD_SIZE). The Ascend original starts one
-    process per device by hand with RANK_ID (the device's index on its node) and RANK_SIZE (processes per
-    node) and --distributed; on several machines it adds --dist_rank (this node's index) and --world-size
-    (the number of nodes), which are `node_rank` and `nodes` here. As in the original, RANK_ID/RANK_SIZE
-    count only with --distributed (`distributed_flag`): a RANK_SIZE left in the environment of a
-    1-device run changes nothing."""
-    env = os.environ
+    In this order:
+    - torchrun sets RANK, LOCAL_RANK, WORLD_SIZE (and LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT). It comes
+      first, so torchrun started by srun or inside an sbatch script is a torchrun launch.
+    - The Ascend original starts one process per device by hand with RANK_ID (the device's index on its
+      node) and RANK_SIZE (processes per node) and --distributed; on several machines it adds --dist_rank
+      (this node's index) and --world-size (the number of nodes), which are `node_rank` and `nodes` here. As
+      in the original, RANK_ID/RANK_SIZE count only with --distributed (`distributed_flag`): a RANK_SIZE
+      left in the environment of a 1-device run changes nothing.
+    - Slurm: a task that srun started (srun sets SLURM_STEP_NUM_TASKS and SLURM_PROCID for each task of a job
+      step). The allocation alone never counts: an salloc shell or an sbatch script also has SLURM_NTASKS=8
+      (and a batch script even SLURM_PROCID=0), but only one process runs there, so it is a 1-process run.
+      For the same reason the world size is the step's SLURM_STEP_NUM_TASKS, the number of tasks srun
+      started (SLURM_NTASKS, the same number inside a step, is the allocation's outside one).
+    """
+    env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         return Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), world,
-                      int(env.get("LOCAL_WORLD_SIZE", world)), "torchrun")
+                      int(env.get("LOCAL_WORLD_SIZE", world)), "torchrun", env.get("MASTER_ADDR"),
+                      env.get("MASTER_PORT"))
     if distributed_flag and "RANK_ID" in env and "RANK_SIZE" in env:
         local_rank, per_node = int(env["RANK_ID"]), int(env["RANK_SIZE"])
         nodes = nodes or 1
-        return Launch(node_rank * per_node + local_rank, local_rank, nodes * per_node, per_node, "rank_id")
+        return Launch(node_rank * per_node + local_rank, local_rank, nodes * per_node, per_node, "rank_id",
+                      env.get("MASTER_ADDR", ORIGINAL_MASTER_ADDR), env.get("MASTER_PORT", ORIGINAL_MASTER_PORT))
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        return slurm_launch(env)
     return Launch(0, 0, 1, 1, "single")
+
+
+def slurm_launch(env):
+    """The Launch of an srun task. Rank, local rank and world size are Slurm's; the rendezvous is
+    MASTER_ADDR/MASTER_PORT when set, else the step's first node (where srun starts task 0) and
+    slurm_port(job id)."""
+    world = int(env["SLURM_STEP_NUM_TASKS"])
+    node_list = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    addr = env.get("MASTER_ADDR")
+    if addr is None and node_list:
+        addr = expand_hostlist(node_list)[0]
+    port = env.get("MASTER_PORT")
+    if port is None and "SLURM_JOB_ID" in env:
+        port = str(slurm_port(int(env["SLURM_JOB_ID"])))
+    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
+    node = int(env.get("SLURM_NODEID", 0))
+    local_world = per_node[node] if node < len(per_node) else world
+    return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world, "slurm",
+                  addr, port)
+
+
+def slurm_port(job_id):
+    """The rendezvous port of a Slurm job without MASTER_PORT: 10000 + job id % 20000, so 10000-29999.
+    Every task of the job computes the same one, two jobs sharing a node differ unless their ids are 20000
+    apart, and it stays below Linux's ephemeral ports (32768 and up), which outgoing connections take."""
+    return 10000 + job_id % 20000
+
+
+def tasks_per_node(text):
+    """Slurm's SLURM_STEP_TASKS_PER_NODE, one entry per node: "8(x2),4" -> [8, 8, 4]."""
+    counts = []
+    for item in filter(None, text.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not m:
+            return []  # not Slurm's form: the caller falls back to the world size
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
+
+
+# One host name of a Slurm node list: text and bracketed ranges ("gpu[01-04,07]", "rack[0-1]_blade[0-1]").
+_HOST = r"(?:[^,\s\[\]]|\[[^\[\]]*\])+"
+
+
+def expand_hostlist(text):
+    """Slurm's compressed host list as host names, in Slurm's order.
+
+    Slurm writes node lists (SLURM_JOB_NODELIST, SLURM_STEP_NODELIST) as host names or bracketed ranges
+    separated by commas (or white space): "gpu[01-04,07]" is gpu01..gpu04 and gpu07 (zero padding kept: the
+    width of a range is its first number's), "n[8-10]" is n8, n9, n10, and a name may hold several bracketed
+    groups ("rack[0-1]_blade[0-1]": rack0_blade0, rack0_blade1, rack1_blade0, rack1_blade1) or text after one
+    ("gpu[1-2]-ib"). `scontrol show hostnames` does the same on a node with Slurm installed."""
+    if not re.fullmatch(rf"[\s,]*(?:{_HOST}[\s,]*)+", text):
+        raise UserError(f"cannot read the Slurm node list {text!r}; set MASTER_ADDR to the first node's address")
+    hosts = []
+    for name in re.findall(_HOST, text):
+        choices = [_expand_ranges(part[1:-1], text) if part.startswith("[") else [part]
+                   for part in re.split(r"(\[[^\]]*\])", name) if part]
+        hosts += ["".join(parts) for parts in itertools.product(*choices)]
+    return hosts
+
+
+def _expand_ranges(ranges, text):
+    """"01-04,07" -> ["01", "02", "03", "04", "07"]."""
+    values = []
+    for item in ranges.split(","):
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", item.strip())
+        if not m or (m.group(2) and int(m.group(2)) < int(m.group(1))):
+            raise UserError(f"cannot read the Slurm node list {text!r} (at [{ranges}]); set MASTER_ADDR to the "
+                            f"first node's address")
+        low, high = m.group(1), m.group(2) or m.group(1)
+        values += [str(i).zfill(len(low)) for i in range(int(low), int(high) + 1)]
+    return values
 
 
 def init_distributed(launch, device, backend, dist_url="env://", timeout_s=600):
     """Join the process group of `launch` and create the gloo control group.
 
-    The rendezvous: torchrun's store under torchrun; MASTER_ADDR/MASTER_PORT for the original's RANK_ID
-    launches, or the original's fixed 127.0.0.1:29688 when those are unset."""
-    if launch.style == "rank_id":
-        os.environ.setdefault("MASTER_ADDR", ORIGINAL_MASTER_ADDR)
-        os.environ.setdefault("MASTER_PORT", ORIGINAL_MASTER_PORT)
+    The rendezvous: torchrun's store under torchrun; otherwise init_method `dist_url`, where env:// means
+    MASTER_ADDR/MASTER_PORT, or what the launch implies when they are unset (the original's fixed
+    127.0.0.1:29688 for RANK_ID launches; the first node and a port from the job id for Slurm)."""
+    addr = launch.master_addr or os.environ.get("MASTER_ADDR")
+    port = launch.master_port or os.environ.get("MASTER_PORT")
+    if dist_url == "env://":
+        if not (addr and port) and launch.style == "torchrun":
+            # torchrun always sets both (and TORCHELASTIC_RUN_ID): RANK/WORLD_SIZE without them are left over in
+            # the shell from another launch, and joining would only wait --dist-timeout for peers that never come.
+            raise UserError(f"RANK={launch.rank} and WORLD_SIZE={launch.world_size} are set but MASTER_ADDR/"
+                            f"MASTER_PORT are not, so this is no torchrun launch: unset RANK and WORLD_SIZE to run "
+                            f"one process (they look left over from another launch), or start with torchrun")
+        if not (addr and port):
+            raise UserError("an srun task without SLURM_STEP_NODELIST/SLURM_JOB_NODELIST or SLURM_JOB_ID: set "
+                            "MASTER_ADDR (the first node's address) and MASTER_PORT")
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     timeout = datetime.timedelta(seconds=timeout_s)
     init_kwargs = {}
     if device.is_accelerator and backend == "nccl":
         # Binds the communicator eagerly to our GPU. Only for NCCL: a default group bound to an NPU makes every
         # later group (our gloo control group included) look for a backend for "npu", and gloo has none.
         init_kwargs["device_id"] = device.torch_device
-    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}" if dist_url == "env://" else dist_url
+    where = f"{addr}:{port}" if dist_url == "env://" else dist_url
     if launch.rank == 0 or launch.style != "torchrun":
         # Before a join that can wait for --dist-timeout: a launch missing its peers must not look hung.
         print(f"Joining the process group: rank {launch.rank} of {launch.world_size}, {backend}, rendezvous at "
@@ -106,8 +207,14 @@ def init_distributed(launch, device, backend, dist_url="env://", timeout_s=600):
         global _control_group
         _control_group = dist.new_group(backend="gloo")
     except Exception as e:
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "EADDRINUSE" in message or "address already in use" in message.lower():  # rank 0 hosts the store
+            port = port if dist_url == "env://" else dist_url.rsplit(":", 1)[-1]
+            slurm = " (Slurm launches without it use 10000 + SLURM_JOB_ID % 20000)" if launch.style == "slurm" else ""
+            raise UserError(f"the rendezvous port {port} is already in use on this machine (another job, or a run "
+                            f"still exiting): set MASTER_PORT to a free port{slurm}") from None
         raise UserError(f"could not join the process group ({backend}, {where}, rank {launch.rank}/"
-                        f"{launch.world_size}): {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+                        f"{launch.world_size}): {message}") from None
 
 
 def elastic_attempt_store(rank, world_size, timeout):
@@ -142,6 +249,44 @@ def any_rank(*flags):
     return tuple(bool(x) for x in t.tolist())
 
 
+def any_rank_async(*flags):
+    """any_rank, started now and read later: a function that waits for the result. The small collective then
+    runs while the caller works (a training step), off its critical path."""
+    t = torch.tensor([1 if f else 0 for f in flags])
+    work = dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_control_group, async_op=True)
+
+    def result():
+        work.wait()
+        return tuple(bool(x) for x in t.tolist())
+    return result
+
+
+_peers = []  # (host, pid) of every rank, to name a rank that died (lost_peers)
+
+
+def record_peers():
+    """Learn every rank's host and pid (one collective at start-up)."""
+    global _peers
+    if is_dist():
+        _peers = [None] * get_world_size()
+        dist.all_gather_object(_peers, (socket.gethostname(), os.getpid()), group=_control_group)
+
+
+def lost_peers():
+    """The ranks on this machine whose process is gone (after a collective failed); [] if none can be told."""
+    host = socket.gethostname()
+    gone = []
+    for rank, (peer_host, pid) in enumerate(_peers):
+        if peer_host == host and pid != os.getpid():
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                gone.append(rank)
+            except OSError:
+                pass
+    return gone
+
+
 def restarted_by_torchrun():
     """True in a job that torchrun --max-restarts started again after a failure."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
@@ -163,6 +308,43 @@ def gather_to_main(obj):
     gathered = [None] * get_world_size() if is_main_process() else None
     dist.gather_object(obj, gathered, dst=0, group=_control_group)
     return gathered
+
+
+def check_ranks_agree(values):
+    """Raise UserError on every rank unless every rank passed equal `values` (a dict: name -> value).
+
+    Ranks started by hand (the original's RANK_ID launch, one command per node) can be given different
+    flags or data sets; DDP would then fail with an internal traceback, or worse train on silently (another
+    --batch-size). The one line names the first differing name and each rank's value, e.g.
+    "ranks disagree on --batch-size: rank 0 has 16; rank 1 has 8"."""
+    if not is_dist():
+        return
+    everyone = [None] * get_world_size()
+    dist.all_gather_object(everyone, values, group=_control_group)
+    for name in values:
+        by_rank = [theirs.get(name) for theirs in everyone]
+        if any(value != by_rank[0] for value in by_rank):
+            raise UserError(f"ranks disagree on {name}: {_values_by_rank(by_rank)}")
+
+
+def _values_by_rank(by_rank):
+    """[16, 8, 16] -> "ranks 0,2 have 16; rank 1 has 8" (ranks with the same value together, first seen first)."""
+    groups = {}
+    for rank, value in enumerate(by_rank):
+        groups.setdefault(repr(value), (value, []))[1].append(rank)
+    return "; ".join(f"rank {ranks[0]} has {value}" if len(ranks) == 1 else
+                     f"ranks {_rank_ranges(ranks)} have {value}" for value, ranks in groups.values())
+
+
+def _rank_ranges(ranks):
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    spans = []
+    for rank in ranks:
+        if spans and rank == spans[-1][1] + 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in spans)
 
 
 def all_reduce(values, op="sum"):
@@ -213,7 +395,8 @@ class Throughput:
         self.device = device
         self.warmup = warmup
         self.steps = 0
-        self.images = 0
+        self.images = 0        # in the steady-state window
+        self.total_images = 0  # in the whole epoch, warm-up included
         self.start = None
         self.end = None
         self.first_step = None
@@ -224,6 +407,7 @@ class Throughput:
 
     def step(self, images):
         self.steps += 1
+        self.total_images += images
         if self.steps == self.warmup:
             self.device.synchronize()
             self.start = time.perf_counter()
@@ -275,26 +459,8 @@ def set_rng_state(state, device):
 
 
 # ----------------------------------------------------------------------------
-# Metrics files
+# TensorBoard (the metrics files themselves are written by checkpoint.py: everything on disk)
 # ----------------------------------------------------------------------------
-
-def append_metrics(output_dir, record):
-    """One JSON object per epoch in <output-dir>/metrics.jsonl (rank 0 only): easy to plot, grep or load."""
-    if not output_dir or not is_main_process():
-        return
-    with open(os.path.join(output_dir, "metrics.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def write_run_description(output_dir, description):
-    """<output-dir>/run.json (rank 0): what the launchers' summary needs besides metrics.jsonl (world size,
-    batch, device, model), as data rather than as words to grep from the log."""
-    if not output_dir or not is_main_process():
-        return
-    with open(os.path.join(output_dir, "run.json"), "w") as f:
-        json.dump(description, f, indent=1)
-        f.write("\n")
-
 
 class TensorBoardLogger:
     """main.py --tensorboard: the per-epoch metrics.jsonl record as scalars in <output-dir>/tensorboard.
@@ -313,24 +479,3 @@ class TensorBoardLogger:
 
     def close(self):
         self.writer.close()
-
-
-def tee_stdout_to(path):
-    """Mirror stdout/stderr into a log file (used by --log-file)."""
-    f = open(path, "a", buffering=1)
-
-    class Tee(io.TextIOBase):
-        def __init__(self, stream):
-            self.stream = stream
-
-        def write(self, s):
-            self.stream.write(s)
-            f.write(s)
-            return len(s)
-
-        def flush(self):
-            self.stream.flush()
-            f.flush()
-
-    sys.stdout = Tee(sys.stdout)
-    sys.stderr = Tee(sys.stderr)

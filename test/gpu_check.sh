@@ -12,7 +12,7 @@
 #      ImageNet-layout folder of 32x32 PNGs (make_digits.py; 1,438 train / 359 val images), DenseNet-121:
 #        data           make_digits.py writes the folder
 #        perf_synth     main.py --synthetic, DenseNet-201, --amp, batch 128: the "Train [0] FPS:" line
-#        bf16           --amp --amp-dtype bf16: training, evaluation, checkpoint.pth and model_0.pth
+#        bf16           --amp --amp-dtype bf16 --keep-checkpoints all: training, evaluation, checkpoint.pth, model_0.pth
 #        fp16_static    --amp --amp-dtype fp16 --loss_scale_value 1024
 #        fp16_dynamic   --amp --amp-dtype fp16 --loss_scale_value dynamic
 #        resume_auto    bf16 again with --epochs 2 --resume auto: continues bf16's run at epoch 1
@@ -147,7 +147,7 @@ smoke perf_synth 150 "Train \[0\] FPS: [0-9]" "precision: native torch.autocast"
 
 smoke bf16 150 "torch.autocast\(cuda, bf16\)" "Train \[0\] done" " \* Acc@1" \
     "file:$DIR/bf16/checkpoint.pth" "file:$DIR/bf16/model_0.pth" -- \
-    "$PY" "${TRAIN[@]}" --amp --amp-dtype bf16 --epochs 1 --overwrite --output-dir "$DIR/bf16"
+    "$PY" "${TRAIN[@]}" --amp --amp-dtype bf16 --epochs 1 --keep-checkpoints all --overwrite --output-dir "$DIR/bf16"
 
 smoke fp16_static 150 "torch.autocast\(cuda, fp16\), static loss scale 1024" " \* Acc@1" \
     "file:$DIR/fp16_static/checkpoint.pth" -- \
@@ -161,7 +161,7 @@ smoke fp16_dynamic 150 "torch.autocast\(cuda, fp16\), dynamic loss scale" " \* A
 
 smoke resume_auto 150 "Resumed from .*checkpoint\.pth: weights after epoch 0; continuing at epoch 1" \
     "Train \[1\] done" " \* Acc@1" "file:$DIR/bf16/model_1.pth" -- \
-    "$PY" "${TRAIN[@]}" --amp --amp-dtype bf16 --epochs 2 --resume auto --output-dir "$DIR/bf16"
+    "$PY" "${TRAIN[@]}" --amp --amp-dtype bf16 --epochs 2 --keep-checkpoints all --resume auto --output-dir "$DIR/bf16"
 
 smoke test_only 120 "Evaluating .*checkpoint\.pth: weights after epoch" " \* Acc@1" -- \
     "$PY" "${TRAIN[@]}" --amp --amp-dtype bf16 --test-only --resume "$DIR/bf16/checkpoint.pth" \

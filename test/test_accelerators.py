@@ -477,7 +477,7 @@ def e2e_runs(images, tmp_path_factory):
     with run 1's checkpoint kept aside."""
     root = tmp_path_factory.mktemp("e2e")
     out = root / "apex_out"
-    common = ["--data-path", images, "--output-dir", str(out), *SMALL_RUN, *APEX_FLAGS]
+    common = ["--data-path", images, "--output-dir", str(out), *SMALL_RUN, *APEX_FLAGS, "--keep-checkpoints", "all"]
     capped = start_main(["--data-path", images, "--output-dir", str(root / "amp_out"), *SMALL_RUN, "--model",
                          "densenet121", "-b", "8", "--epochs", "1", "--max-steps", "1", "--amp"],
                         env={"OMP_NUM_THREADS": "1", "ONEDNN_MAX_CPU_ISA": "AVX2"})

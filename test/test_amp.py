@@ -242,6 +242,56 @@ def test_fp16_dynamic_scale_backs_off_and_grows(real_batch):
     assert mp.current_scale() == 1024.0 and int(mp.skipped_steps) == 1  # x2 after growth_interval clean steps
 
 
+class PublicScaler:
+    """A GradScaler that refuses its private attributes and records which public methods the step calls."""
+
+    def __init__(self, scaler):
+        self._scaler, self.calls = scaler, []
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(f"GradScaler.{name} is private")
+        if name == "get_scale":
+            raise AssertionError("get_scale() syncs the host with the device: not in the training step")
+        self.calls.append(name)
+        return getattr(self._scaler, name)
+
+
+@pytest.mark.parametrize("loss_scale", [1024.0, "dynamic"])
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_fp16_step_uses_public_scaler_api_and_counts_skips_on_the_device(real_batch, loss_scale, clip):
+    x, y = real_batch[0][:8], real_batch[1][:8]
+    model = tiny()
+    mp = MixedPrecision(device=CPU, backend="native", dtype=torch.float16, loss_scale=loss_scale)
+    if loss_scale == "dynamic":  # a modest scale, so that the clean steps really are clean
+        mp.load_state_dict({"scaler": {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                       "growth_interval": 2000, "_growth_tracker": 0}})
+    scaler = mp.scaler
+    mp.scaler = PublicScaler(scaler)
+    opt = build_sgd([{"params": list(model.parameters()), "weight_decay": 0.0}], 0.05, 0.9, CPU)
+    before = params_of(model)
+    for step in range(3):
+        handle = model.classifier.weight.register_hook(lambda g: g * float("inf")) if step == 1 else None
+        with mp.autocast():
+            loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        mp.backward_and_step(loss, opt, model.parameters(), clip_grad_norm=clip)
+        if handle is not None:
+            handle.remove()
+        if step == 0:
+            assert not same(before, params_of(model)), "a clean step updates the parameters"
+            after_clean = params_of(model)
+        if step == 1:
+            assert same(after_clean, params_of(model)), "the overflowing step must not touch the parameters"
+    assert isinstance(mp.skipped_steps, torch.Tensor) and int(mp.skipped_steps) == 1
+    # unscale_ only where clipping needs the real gradients (step() unscales them otherwise)
+    assert mp.scaler.calls.count("unscale_") == (3 if clip else 0)
+    # a static scale stays what was given; a dynamic one halved at the overflow
+    assert scaler.get_scale() == (1024.0 if loss_scale != "dynamic" else 512.0)
+    if loss_scale != "dynamic":
+        assert mp.state_dict()["scaler"]["scale"] == 1024.0
+
+
 def test_parse_loss_scale():
     assert parse_loss_scale(None) is None
     assert parse_loss_scale("dynamic") == "dynamic" and parse_loss_scale("Dynamic") == "dynamic"

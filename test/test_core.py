@@ -282,7 +282,8 @@ def tiny_data(tmp_path_factory):
 def trained(tiny_data, tmp_path_factory):
     """One 2-epoch run shared by the tests that inspect, resume or evaluate it."""
     out = tmp_path_factory.mktemp("run")
-    proc = train(tiny_data, out, "--epochs", "2", "--deterministic")
+    # --keep-checkpoints all: every epoch's model_<epoch>.pth, as torchvision (by default only the latest and best)
+    proc = train(tiny_data, out, "--epochs", "2", "--deterministic", "--keep-checkpoints", "all")
     assert_ok(proc)
     return out, proc
 
@@ -324,6 +325,7 @@ def test_train_outputs(trained):
     model.load_state_dict(ckpt["model"])  # strict: every key and shape matches
     assert torch.load(out / "model_0.pth", weights_only=True)["epoch"] == 0
     assert torch.load(out / "model_1.pth", weights_only=True)["epoch"] == 1
+    assert os.stat(out / "model_1.pth").st_ino == os.stat(out / "checkpoint.pth").st_ino  # a hard link, no copy
     best = torch.load(out / "model_best.pth", weights_only=True)
     assert best["classes"] == CLASSES and best["model"].keys() == ckpt["model"].keys()
     assert best["best_acc1"] == pytest.approx(max(r["val_acc1"] for r in records))
@@ -339,7 +341,9 @@ def test_resume_from_epoch_checkpoint(trained, tiny_data, tmp_path):
     assert "Epoch: [0]" not in log, log
     assert [int(s) for s, _ in step_lines(log, 1)] == [1, 2, 3], log
     assert len(acc_lines(log)) == 1
-    assert (tmp_path / "model_1.pth").is_file() and not (tmp_path / "model_0.pth").exists()
+    # The default keeps checkpoint.pth (and model_best.pth), no model_<epoch>.pth.
+    assert not [n for n in os.listdir(tmp_path) if re.fullmatch(r"model_\d+\.pth", n)]
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=True)["epoch"] == 1
     resumed = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     original = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in resumed] == [1]
@@ -363,7 +367,7 @@ def test_test_only_evaluates_and_trains_nothing(trained, tiny_data, tmp_path):
 def test_resume_on_other_classes_is_one_line_error(trained, tmp_path):
     """Same number of classes, other names: the checkpoint's outputs would be mislabelled, so refuse."""
     out, _ = trained
-    root = write_image_folder(tmp_path / "data", train_per_class=1, val_per_class=1)
+    root = write_image_folder(tmp_path / "data", train_per_class=3, val_per_class=1)  # 9 images: a batch of 8 fits
     for split in ("train", "val"):
         os.rename(os.path.join(root, split, "class_2"), os.path.join(root, split, "class_Z"))
     proc = run_main(["--data-path", root, "--output-dir", str(tmp_path / "out"), *TINY, "--epochs", "3",

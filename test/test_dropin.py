@@ -388,7 +388,8 @@ def test_export_reference_names_for_onnx2om(run_1p, tmp_path, capsys):
 def test_our_checkpoint_loads_like_pthtar2onnx(run_1p):
     """pthtar2onnx.py: torch.load(path, map_location='cpu')['model'] into torchvision's densenet, strictly
     (torch >= 2.6 loads with weights_only=True by default: our files need nothing else)."""
-    for name in ("checkpoint.pth", "model_2.pth", "model_best.pth"):
+    # The launcher's default keeps checkpoint.pth and model_best.pth (model_<epoch>.pth with --keep-checkpoints).
+    for name in ("checkpoint.pth", "model_best.pth"):
         state = torch.load(os.path.join(run_1p["out"], name), map_location="cpu", weights_only=True)["model"]
         model = torchvision.models.densenet121(num_classes=CLASSES)
         model.load_state_dict(state, strict=True)

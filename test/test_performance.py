@@ -24,6 +24,7 @@ sys.path.insert(0, REPO)
 import data  # noqa: E402
 import decode  # noqa: E402
 import densenet  # noqa: E402
+import lifecycle  # noqa: E402
 import main  # noqa: E402
 import trainer as trainer_lib  # noqa: E402
 from device import build_mixed_precision, resolve_device  # noqa: E402
@@ -287,7 +288,11 @@ def run_steps(model, argv, steps=3, batch_size=4, size=32):
     assert t.model_without_ddp is model and model.features.conv0.weight.is_contiguous(
         memory_format=torch.channels_last)
     loader = data.SyntheticLoader(batch_size, size, 5, steps, seed=3)
-    stats = main.train_one_epoch(t, loader, 0, 0, args, main.StopSignal())
+    stop = lifecycle.StopSignal()
+    try:
+        stats = main.train_one_epoch(t, loader, 0, 0, len(loader), args, stop)
+    finally:
+        stop.restore()
     return stats, model
 
 
@@ -346,12 +351,14 @@ def test_no_host_sync_between_print_steps(monkeypatch):
         return original_tensor(*a, **k)
     monkeypatch.setattr(torch, "tensor", tensor_spy)
 
-    class CountingLoader(data.SyntheticLoader):
-        def __iter__(self):
-            for i, batch in enumerate(super().__iter__()):
-                step["now"] = i
-                yield batch
-    monkeypatch.setattr(data, "SyntheticLoader", CountingLoader)
+    # Calls are attributed to the step whose Trainer.step ran last (the loop fetches the next batch before it
+    # trains the current one, so the loader's count runs one ahead).
+    original_step = trainer_lib.Trainer.step
+
+    def counting_step(self, *a, **k):
+        step["now"] = 0 if step["now"] is None else step["now"] + 1
+        return original_step(self, *a, **k)
+    monkeypatch.setattr(trainer_lib.Trainer, "step", counting_step)
     torch.manual_seed(0)
     run_steps(tiny_densenet(), ["--print-freq", "100", "--warmup-steps", "1"], steps=6)
     # Step 0 opens the loop, step 5 is the (last) print step; steps 1-4 must be sync-free.

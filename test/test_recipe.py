@@ -109,6 +109,30 @@ def test_ema_closed_form():
     assert ema.num_updates == k
 
 
+def test_ema_during_warmup_is_the_model_as_torchvision_resets_it():
+    # torchvision's reference: `if epoch < args.lr_warmup_epochs: model_ema.n_averaged.fill_(0)` before each
+    # EMA update, on an AveragedModel whose first update (n_averaged == 0) copies the model.
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = recipe.ModelEma(model, decay=0.8)
+    reference = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    reference.update_parameters(model)  # its first update: the copy ours makes at construction
+    for warmup in (True, True, False, False, False):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model, warmup=warmup)
+        if warmup:
+            reference.n_averaged.fill_(0)
+        reference.update_parameters(model)
+        if warmup:  # exactly the model, not close to it
+            assert all(torch.equal(e, p) for e, p in zip(ema.module.parameters(), model.parameters()))
+        for e, r in zip(ema.module.parameters(), reference.module.parameters()):
+            torch.testing.assert_close(e, r)
+    assert not all(torch.equal(e, p) for e, p in zip(ema.module.parameters(), model.parameters()))
+
+
 def test_ema_decay_adjustment_matches_torchvision_formula():
     decay = recipe.ema_decay_for_run(0.99998, world_size=8, batch_per_rank=128, ema_steps=32, epochs=600)
     alpha = min(1.0, (1 - 0.99998) * 8 * 128 * 32 / 600)

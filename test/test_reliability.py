@@ -378,7 +378,7 @@ def test_non_finite_loss_stops_without_touching_good_checkpoints(data48, tmp_pat
     first = train(data48, tmp_path, "--epochs", "1", *blowup)
     assert_ok(first)
     before = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path) if n.endswith(".pth")}
-    assert set(before) == {"checkpoint.pth", "model_0.pth", "model_best.pth"}
+    assert set(before) == {"checkpoint.pth", "model_best.pth"}  # by default no model_<epoch>.pth
     mtimes = {n: os.stat(tmp_path / n).st_mtime_ns for n in before}
 
     proc = train(data48, tmp_path, "--epochs", "3", "--resume", "auto", *blowup)
@@ -486,8 +486,10 @@ def test_keep_checkpoints_and_resume_auto_skips_corrupt_newer_files(data48, tmp_
     assert names == ["checkpoint.pth", "model_1.pth", "model_2.pth", "model_best.pth"], names
     assert load(tmp_path / "model_2.pth")["next_epoch"] == 3
 
-    # Newer than model_2.pth but broken: a checkpoint cut off mid-copy and an empty file.
+    # Newer than model_2.pth but broken: a checkpoint cut off mid-copy and an empty file. (A new file:
+    # checkpoint.pth and model_2.pth are one file with two names, hard links, until the next save.)
     good = (tmp_path / "checkpoint.pth").read_bytes()
+    os.remove(tmp_path / "checkpoint.pth")
     (tmp_path / "checkpoint.pth").write_bytes(good[: len(good) // 2])
     (tmp_path / "model_3.pth").write_bytes(b"")
     now = time.time()
