@@ -7,6 +7,7 @@ file that needs arbitrary unpickling is refused and its code never runs. The onl
 argparse.Namespace, which the Ascend original's and torchvision's reference train.py store as 'args'.
 """
 import argparse
+import contextlib
 import errno
 import fcntl
 import json
@@ -53,32 +54,38 @@ def remove_stale_temp_files(folder):
                 pass
 
 
-def save_atomic(obj, path):
-    """torch.save that never leaves a half-written file at `path`.
-
-    Write to a temporary file in the same folder, flush and fsync it, then rename
-    over the target (atomic on POSIX) and fsync the folder so the rename itself
-    survives a power cut. A crash at any point leaves the previous file intact.
-    """
+@contextlib.contextmanager
+def _replacing(path):
+    """A temporary name beside `path` for the body to create the new file at; then renamed over `path` (atomic on
+    POSIX) and the folder fsynced, so that the rename itself survives a power cut. A crash or an error at any
+    point leaves the previous `path` intact, and the temporary file is removed (one left by a killed process is
+    removed by remove_stale_temp_files). Files the body creates get the mode the umask gives, as any other."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a checkpoint gets the mode every other file gets
-        with os.fdopen(fd, "wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as e:
-                # torch.save's zip writer turns a failed write (ENOSPC, EIO, ...) into a RuntimeError
-                # ("[enforce fail at inline_container.cc] ... unexpected pos"): give it back its OSError.
-                raise _write_error(folder, e) from None
-            f.flush()
-            os.fsync(f.fileno())
+        if os.path.lexists(tmp):  # left by an earlier process of the same pid
+            os.unlink(tmp)
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.unlink(tmp)
         raise
     _fsync_folder(folder)
+
+
+def save_atomic(obj, path):
+    """torch.save that never leaves a half-written file at `path`: written to a temporary file in the same
+    folder, flushed and fsynced, then renamed over the target (_replacing)."""
+    with _replacing(path) as tmp, open(tmp, "wb") as f:
+        try:
+            torch.save(obj, f)
+        except RuntimeError as e:
+            # torch.save's zip writer turns a failed write (ENOSPC, EIO, ...) into a RuntimeError
+            # ("[enforce fail at inline_container.cc] ... unexpected pos"): give it back its OSError.
+            raise _write_error(os.path.dirname(os.path.abspath(path)), e) from None
+        f.flush()
+        os.fsync(f.fileno())
 
 
 # os.link's errors that mean "this file system has no hard links" (FAT/exFAT, some FUSE and network shares).
@@ -87,28 +94,18 @@ _NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, er
 
 def link_atomic(source, path):
     """Make `path` the same file as `source` (a hard link: no bytes written, no space used) without ever leaving
-    a missing or partial `path`: link to a temporary name, then rename it over `path`. Where the file system
-    has no hard links, an atomic copy instead (as timm's checkpoint saver does). Returns "link" or "copy"."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.link.tmp")
-    try:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
+    a missing or partial `path`: link to a temporary name, then rename it over `path` (_replacing). Where the
+    file system has no hard links, an atomic copy instead (as timm's checkpoint saver does). Returns "link" or
+    "copy"."""
+    with _replacing(path) as tmp:
         try:
             os.link(source, tmp)
-            how = "link"
+            return "link"
         except OSError as e:
             if e.errno not in _NO_HARD_LINKS:
                 raise
-            _copy_file(source, tmp)
-            how = "copy"
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-    return how
+        _copy_file(source, tmp)
+        return "copy"
 
 
 def _copy_file(source, target):
@@ -127,21 +124,6 @@ def _fsync_folder(folder):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
-
-
-def _umask():
-    """The process's umask. Linux reports it in /proc; elsewhere reading it means setting it and putting it
-    straight back (not thread-safe, hence the second choice)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _write_error(folder, error):
@@ -317,11 +299,7 @@ def config_to_dict(args):
 def find_latest_checkpoint(output_dir):
     """(path, loaded checkpoint) of the newest checkpoint in output_dir that loads, or (None, None)
     (for --resume auto)."""
-    if not output_dir or not os.path.isdir(output_dir):
-        return None, None
-    candidates = [os.path.join(output_dir, n) for n in os.listdir(output_dir)
-                  if n.endswith(".pth") and (n == "checkpoint.pth" or n.startswith("model_"))
-                  and n != "model_best.pth"]
+    candidates = [os.path.join(output_dir, n) for n in resumable_checkpoint_files(output_dir)]
     for path in sorted(candidates, key=os.path.getmtime, reverse=True):
         try:
             ckpt = load_safe(path)
@@ -649,11 +627,12 @@ def newest_run(root, model):
 
 
 def resumable_checkpoint_files(output_dir):
-    """The files --resume auto considers (checkpoint.pth, model_<epoch>.pth), by name only (not loaded)."""
+    """The files --resume auto considers (checkpoint.pth, model_<epoch>.pth and other model_*.pth but the best),
+    by name only (find_latest_checkpoint loads them)."""
     if not output_dir or not os.path.isdir(output_dir):
         return []
-    return sorted(n for n in os.listdir(output_dir)
-                  if n == "checkpoint.pth" or (n.startswith("model_") and n.endswith(".pth") and n[6:-4].isdigit()))
+    return sorted(n for n in os.listdir(output_dir) if n.endswith(".pth") and n != "model_best.pth"
+                  and (n == "checkpoint.pth" or n.startswith("model_")))
 
 
 def prepare_output_dir(output_dir, overwrite, resume, test_only, restarted):
@@ -818,16 +797,9 @@ def write_run_description(output_dir, description):
     if not output_dir or not utils.is_main_process():
         return
     path = os.path.join(output_dir, "run.json")
-    tmp = os.path.join(output_dir, f".run.json.{os.getpid()}.tmp")
     try:
-        try:
-            with open(tmp, "w") as f:
-                json.dump(description, f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
-            raise
+        with _replacing(path) as tmp, open(tmp, "w") as f:
+            json.dump(description, f, indent=1)
+            f.write("\n")
     except OSError as e:
         raise UserError(f"could not write {path}: {describe_os_error(e)}") from None

@@ -27,14 +27,12 @@ import sys
 import threading
 import time
 
-from cli import EXIT_USER_ERROR
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # A second signal this soon after the first is the same request delivered twice, not a second request: a
 # scheduler that signals every process of a job (scancel, a Kubernetes pod's SIGTERM) reaches the ranks
 # directly AND through torchrun, which forwards it. A person's second Ctrl-C comes later.
 DUPLICATE_WINDOW_S = 1.0
-EXIT_DATA_STALL = EXIT_USER_ERROR  # a problem of the environment (a hung file system), reported in one line
 
 
 class Interrupted(BaseException):

@@ -9,6 +9,7 @@ trainer.Trainer.step; checkpoints are checkpoint.py; everything that differs bet
 GPU and CPU is device.py.
 """
 import argparse
+import functools
 import hashlib
 import math
 import os
@@ -354,14 +355,16 @@ def ranks_must_agree(args, run, amp, data, num_classes):
 # main
 # ----------------------------------------------------------------------------
 
-def main(args):
+def main(args, stop=None):
+    """The run: set-up, data, trainer, resume, then evaluation or the epoch loop. `stop`: the StopSignal that
+    run() installed before the set-up (main() installs one when called on its own)."""
     launch = launch_of(args)
     validate_args(args, launch)
     run = setup(args, launch)
     amp = device_lib.build_mixed_precision(args, run.device)  # before any data is read: a missing apex fails fast
-    # From here on a signal stops the run: at once while there is nothing to save (data scan, model build,
-    # evaluation), after the step in flight while training (lifecycle.StopSignal.deferred).
-    stop = lifecycle.StopSignal()
+    # A signal stops the run at once while there is nothing to save (data scan, model build, evaluation), and
+    # after the step in flight while training (lifecycle.StopSignal.deferred).
+    stop = stop or lifecycle.StopSignal()
     utils.record_peers()  # every rank's host and pid: a rank that dies can be named
     # DataLoader's SIGCHLD handler raises "worker killed" at whatever line the trainer is on -- possibly between
     # an optimizer step and its step count. Blocked, a dead worker (the OOM killer) is found by the loader
@@ -400,7 +403,7 @@ def main(args):
     record = RunRecord(args.output_dir, start.best_acc1, tensorboard=args.tensorboard)
     # Steps per epoch from the global batch: the same on any number of ranks (ceil(ceil(N/W)/(B/W)) == ceil(N/B)).
     steps_per_epoch = len(data.train_loader) if data.train_sampler is None else \
-        math.ceil(data.train_sampler.dataset_size / args.batch_size)
+        math.ceil(data.train_sampler.epoch_length() / args.batch_size)
     epoch = start.epoch
     try:
         if start.pending is not None:  # stopped during that epoch's evaluation: evaluate it before going on
@@ -821,8 +824,8 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
         step += 1
     check_finite(first_bad_step, epoch)
     elapsed = time.perf_counter() - epoch_start
-    fps, epoch_fps = report_throughput(throughput, epoch, args.synthetic, elapsed)
     this_attempt = meter.sums(all_ranks=True)
+    fps, epoch_fps = report_throughput(throughput, epoch, args.synthetic, elapsed, this_attempt[3])
     loss_mean, acc1, acc5, seen = averages([a + b for a, b in zip(this_attempt, partial or [0, 0, 0, 0])])
     n_bad = int(utils.all_reduce([len(bad_files)])[0])
     resumed = "" if not start_step else f" (the epoch was resumed at step {start_step + 1}: " + (
@@ -875,13 +878,13 @@ def log_step(epoch, step, steps, eta, trainer, last_loss, totals, window):
     log("  ".join(fields))
 
 
-def report_throughput(throughput, epoch, synthetic, elapsed):
+def report_throughput(throughput, epoch, synthetic, elapsed, images_epoch):
     """Log and return the epoch's global img/s: (steady state, whole epoch).
 
     Steady state: all ranks' images over the slowest rank's window after the warm-up steps (None when the
-    epoch had too few steps). Whole epoch: all ranks' images over the slowest rank's whole epoch, warm-up,
-    first step and data loading included: never blank, for the summary of a short epoch."""
-    images_epoch = utils.all_reduce([throughput.total_images])[0]
+    epoch had too few steps). Whole epoch: `images_epoch` (all ranks' images this attempt trained on) over the
+    slowest rank's whole epoch, warm-up, first step and data loading included: never blank, for the summary
+    of a short epoch."""
     epoch_fps = images_epoch / max(utils.all_reduce([elapsed], op="max")[0], 1e-9)
     if throughput.finish() is None:
         log(f"Train [{epoch}] FPS: {epoch_fps:.2f} img/s over the whole epoch, warm-up included (fewer than "
@@ -987,20 +990,17 @@ def run(argv=None):
     way out ends within seconds: no exit waits for the loader's workers (lifecycle.py)."""
     args = get_args_parser().parse_args(argv)
     lifecycle.guard_streams()  # a closed or full stdout must not end the run
-    stop = lifecycle.StopSignal()  # until main() installs its own: a signal during the set-up stops at once
+    stop = lifecycle.StopSignal()  # from the start: a signal during the set-up stops at once
     code = 1
     try:
         error = run_tool(open_log_file, args) if args.log_file else None
         lifecycle.enable_faulthandler()  # after the capture: a crash's traceback lands in the rank's log
-        code = error or run_tool(main, args)
+        code = error or run_tool(functools.partial(main, stop=stop), args)
     except lifecycle.Interrupted as e:
         where = e.where or lifecycle.innermost_stage(e.__traceback__, STAGES)
         print(f"stopped by {e.signal_name}" + (f" during {where}" if where else "") + " (nothing to save)",
               file=sys.stderr, flush=True)
         code = 128 + e.signum
-    except lifecycle.DataStall as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        code = lifecycle.EXIT_DATA_STALL
     except Exception:
         traceback.print_exc()  # a bug or an unexpected failure: the full traceback, into the --log-file too
     finally:

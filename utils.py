@@ -395,8 +395,7 @@ class Throughput:
         self.device = device
         self.warmup = warmup
         self.steps = 0
-        self.images = 0        # in the steady-state window
-        self.total_images = 0  # in the whole epoch, warm-up included
+        self.images = 0
         self.start = None
         self.end = None
         self.first_step = None
@@ -407,7 +406,6 @@ class Throughput:
 
     def step(self, images):
         self.steps += 1
-        self.total_images += images
         if self.steps == self.warmup:
             self.device.synchronize()
             self.start = time.perf_counter()
