@@ -43,12 +43,12 @@ Sections:
             has an AMP dtype, else fp32).
   scaling   ours only: batch size, resolution, and 1 vs N processes (DDP via build_trainer(distributed=True);
             gloo on CPU, nccl on CUDA) at the same global batch.
-  control   the control collective of main.py's training loop, utils.any_rank(flag, flag) (a blocking all-reduce
+  control   the control collective of main.py's training loop, launch_lib.any_rank(flag, flag) (a blocking all-reduce
             of two flags on the gloo side group): with N spawned ranks (--control-procs, on this host), the
             median and 90th percentile of --control-calls back-to-back calls (the collective's own latency; a
             rank that arrives late makes the others wait longer still), and its share of one DDP training step
             of ours at the same global batch (-b, --image-size; median of the windows); then what the step
-            pays for it as main.py runs it, started a step ahead (utils.any_rank_async) and read after the
+            pays for it as main.py runs it, started a step ahead (launch_lib.any_rank_async) and read after the
             step. Not in the default list: add it to --sections.
 
 --json PATH writes {"meta": {...}, "results": {label: {"img_per_s": [one per window], "median": ...,
@@ -81,7 +81,7 @@ import densenet  # noqa: E402
 import device as device_lib  # noqa: E402
 import main as main_lib  # noqa: E402
 import trainer as trainer_lib  # noqa: E402
-import utils  # noqa: E402
+import launch as launch_lib  # noqa: E402
 
 SECTIONS = ("compute", "pipeline", "e2e", "scaling", "control")
 DEFAULT_SECTIONS = ("compute", "pipeline", "e2e", "scaling")
@@ -769,7 +769,7 @@ def _join_job(rank, world, port, args):
     device_lib.configure_backends(device, deterministic=False)
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.parent_threads // world))  # the same cores, split between ranks
-    utils.init_distributed(utils.launcher_env(), device, device.dist_backend)
+    launch_lib.init_distributed(launch_lib.launcher_env(), device, device.dist_backend)
     return device
 
 
@@ -806,7 +806,7 @@ def _scaling_worker(rank, world, port, args, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             f.write(",".join(str(r) for r in rates))
-    utils.cleanup_distributed()
+    launch_lib.cleanup_distributed()
 
 
 def free_port():
@@ -880,27 +880,27 @@ def _control_worker(rank, world, port, args, result_path):
     device = _join_job(rank, world, port, args)
     # The collective alone, as the training loop calls it (two flags), back to back after a warm-up.
     for _ in range(50):
-        utils.any_rank(False, False)
+        launch_lib.any_rank(False, False)
     calls = []
     for _ in range(args.control_calls):
         start = time.perf_counter()
-        utils.any_rank(False, False)
+        launch_lib.any_rank(False, False)
         calls.append(time.perf_counter() - start)
     # The training step it is paid on.
     step = _ddp_step_fn(rank, world, device, args)
     rates = _ddp_step_rates(rank, world, device, args, step)
-    # As main.py's loop runs it: started a step ahead (utils.any_rank_async), read after the step computed.
+    # As main.py's loop runs it: started a step ahead (launch_lib.any_rank_async), read after the step computed.
     # What the step pays is the start plus the wait for a result that is (nearly always) already there.
     # Both ways, between training steps as in the loop: blocking (the previous loop) and overlapped.
     blocking, overlapped = [], []
     for _ in range(max(args.steps, 5)):
         step()
         start = time.perf_counter()
-        utils.any_rank(False, False)
+        launch_lib.any_rank(False, False)
         blocking.append(time.perf_counter() - start)
     for _ in range(max(args.steps, 5)):
         start = time.perf_counter()
-        result = utils.any_rank_async(False, False)
+        result = launch_lib.any_rank_async(False, False)
         launched = time.perf_counter() - start
         step()
         start = time.perf_counter()
@@ -909,11 +909,11 @@ def _control_worker(rank, world, port, args, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             json.dump({"calls_s": calls, "rates": rates, "blocking_s": blocking, "overlapped_s": overlapped}, f)
-    utils.cleanup_distributed()
+    launch_lib.cleanup_distributed()
 
 
 def section_control(args, device):
-    out(f"== control: utils.any_rank (the per-step stop/small-batch agreement) vs a DDP step of ours, "
+    out(f"== control: launch_lib.any_rank (the per-step stop/small-batch agreement) vs a DDP step of ours, "
         f"{args.model} {args.image_size}px, global batch {args.batch_size}, {device.describe()} ==")
     if device.is_accelerator:
         out("  (the collective runs on the gloo side group, over the host, whatever the device)")

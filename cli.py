@@ -3,6 +3,7 @@ starting with "error:" and a meaningful exit code, never a traceback. No torch i
 run_summary.py start fast."""
 import argparse
 import difflib
+import errno
 import sys
 
 EXIT_USER_ERROR = 2       # bad input: arguments, files, dataset, device, environment
@@ -30,6 +31,16 @@ def run_tool(main, args, expected=()):
     except NumericalError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NUMERICAL_ERROR
+
+
+def describe_os_error(e):
+    """An OSError as a few words, saying what the usual cause is when it is not obvious."""
+    words = e.strerror or str(e)
+    if e.errno == errno.ENOENT:
+        words += " (was the folder deleted or moved?)"
+    elif e.errno == errno.EROFS:
+        words += " (the file system was made read-only)"
+    return words
 
 
 class ArgumentParser(argparse.ArgumentParser):

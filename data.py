@@ -1,7 +1,7 @@
 """Input pipeline: ImageNet-layout folders -> uint8 batches -> normalised tensors on the device.
 
 Design choices (why, not what):
-  * One function (find_layout) reads --data-path in any accepted layout (class folders, the Kaggle
+  * One function (layout.find_layout) reads --data-path in any accepted layout (class folders, the Kaggle
     download, a flat val/) and returns the training root and a list of (validation file, class index):
     everything after it (datasets, samplers, exact evaluation) is the same for every layout, and the
     class order is always the sorted training folders, so checkpoints are interchangeable.
@@ -23,298 +23,26 @@ Design choices (why, not what):
     training crop); this module only chooses which reader and which transform a
     dataset uses (train_dataset), so nothing is smuggled through attributes.
 """
-import csv
+import hashlib
 import math
 import os
 import signal
 import sys
-from typing import NamedTuple
+import threading
+from typing import NamedTuple, Optional
 
 import torch
 import torch.utils.data
 from torchvision import transforms
 
-from cli import UserError
 from decode import FAST_DECODE_INTERPOLATIONS, INTERPOLATIONS, FastRandomResizedCrop, UnreadableImage, \
     load_encoded, load_rgb
+from layout import IMAGE_EXTENSIONS, DataError, describe_repeats, find_layout, list_classes, scan_classes
+from utils import log, warn
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 AUTO_AUGMENT = ("ra", "ta_wide", "augmix", "imagenet")
-
-
-class DataError(UserError):
-    """A dataset problem the user must fix (one-line message, exit code 2)."""
-
-
-# ----------------------------------------------------------------------------
-# Layouts: find the training folder and every validation image's label before any model is built
-# ----------------------------------------------------------------------------
-
-KAGGLE_SUBDIR = os.path.join("ILSVRC", "Data", "CLS-LOC")
-KAGGLE_VAL_CSV = "LOC_val_solution.csv"
-
-
-def _is_hidden(name):
-    return name.startswith(".") or name in ("Thumbs.db", "desktop.ini", "__MACOSX")
-
-
-def list_classes(folder):
-    """The sorted class folders of `folder`, or DataError if it cannot be read."""
-    try:
-        with os.scandir(folder) as entries:
-            return sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
-    except OSError as e:
-        raise DataError(f"{folder}: cannot read the folder ({e.strerror or e})") from None
-
-
-def is_image_file(path):
-    name = os.path.basename(path)
-    return not _is_hidden(name) and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
-class Scan(NamedTuple):
-    """The image files under one folder, and what the scan left out."""
-    paths: list        # in torchvision ImageFolder's order: by folder path, then by file name
-    repeated: list     # paths skipped because they lead to a file or folder already listed (links, loops)
-    unreadable: list   # [(folder, why)] folders that could not be listed
-
-
-def scan_images(folder, avoid=frozenset()):
-    """Every image file under `folder`, following links as torchvision's ImageFolder does, but each real file
-    and each real folder once: a link back up the tree (a symlink loop) made os.walk list the same files
-    again at every depth until the path grew too long. Identity is (st_dev, st_ino) of what a path resolves
-    to; the first path in walk order is kept. `avoid`: identities of folders never to enter (the other class
-    folders and the split's root, so a link cannot pull another class's images in under this label).
-    Unlike os.walk, a folder that cannot be read is reported."""
-    seen_folders, listed, unreadable, repeated = set(avoid), [], [], []
-    pending = [folder]
-    while pending:
-        path = pending.pop()
-        try:
-            st = os.stat(path)
-            if (st.st_dev, st.st_ino) in seen_folders and path != folder:
-                repeated.append(path)
-                continue
-            seen_folders.add((st.st_dev, st.st_ino))
-            with os.scandir(path) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError as e:
-            unreadable.append((path, e.strerror or str(e)))
-            continue
-        files, subfolders = [], []
-        for entry in entries:
-            if entry.is_dir():  # follows links, as os.walk(followlinks=True)
-                subfolders.append(entry.path)
-            elif is_image_file(entry.name):
-                files.append((entry.path, _file_identity(entry, st.st_dev)))
-        listed.append((path, files))
-        pending.extend(reversed(subfolders))  # depth first, in name order: the first path to a folder wins
-    seen_files, paths = set(), []
-    for _, files in sorted(listed, key=lambda item: item[0]):  # ImageFolder's order
-        for path, identity in files:
-            if identity is not None and identity in seen_files:
-                repeated.append(path)
-                continue
-            seen_files.add(identity)
-            paths.append(path)
-    return Scan(paths, repeated, unreadable)
-
-
-def scan_classes(root, classes):
-    """root/<class>/** -> ([(path, class index)], Scan of the whole split), in ImageFolder's order."""
-    def identity(path):
-        try:
-            st = os.stat(path)
-            return st.st_dev, st.st_ino
-        except OSError:
-            return None
-    class_folders = [os.path.join(root, name) for name in classes]
-    avoid = {identity(root), *map(identity, class_folders)} - {None}
-    samples, repeated, unreadable = [], [], []
-    for index, folder in enumerate(class_folders):
-        scan = scan_images(folder, avoid)
-        samples += [(path, index) for path in scan.paths]
-        repeated += scan.repeated
-        unreadable += scan.unreadable
-    return samples, Scan([path for path, _ in samples], repeated, unreadable)
-
-
-def _file_identity(entry, folder_dev):
-    """(st_dev, st_ino) of the file an entry resolves to; None for a broken link (kept: it is reported as
-    unreadable when loaded, as before). A plain file needs no system call: its inode comes with the listing."""
-    if not entry.is_symlink():
-        return folder_dev, entry.inode()
-    try:
-        st = os.stat(entry.path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def describe_repeats(scan, where):
-    """One warning line for the paths a scan skipped, or None."""
-    if scan is None or not scan.repeated:
-        return None
-    return (f"{where}: skipped {len(scan.repeated)} path(s) that lead to a file or folder already listed "
-            f"(symlink loops or duplicate links), each real file is used once; e.g. {scan.repeated[0]}")
-
-
-class Layout(NamedTuple):
-    """Where a data set's training classes are and what every validation image is (whatever the layout)."""
-    kind: str           # said in the log: "class folders", "Kaggle ImageNet", "flat val/ (class in file names)"
-    train_root: str     # train/<class>/<image>
-    val_root: str
-    classes: list       # sorted class folder names of train_root: the label order in every layout
-    val_samples: list   # [(path, class index)]
-    val_scan: Scan      # what the validation scan skipped (class-folder layout), else None
-
-
-def find_layout(root):
-    """The layout of --data-path, or DataError saying what is wrong. Accepted:
-      * root/train/<class>/..., root/val/<class>/...                                   (class folders)
-      * the Kaggle download: root/ILSVRC/Data/CLS-LOC/train/<wnid>/..., a flat .../val/ of
-        ILSVRC2012_val_*.JPEG, labels in root/LOC_val_solution.csv (first wnid of PredictionString)
-      * root/train/<class>/... with a flat root/val/ whose file names end in _<class>.<ext>
-        (or labelled by root/LOC_val_solution.csv).
-    The class order is always the sorted training class folders, so checkpoints are interchangeable."""
-    if not root:
-        raise DataError("no dataset given: pass --data-path /path/to/imagenet (a folder with train/ and val/)")
-    if not os.path.isdir(root):
-        raise DataError(f"--data-path {root}: no such directory")
-    kaggle = not os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, KAGGLE_SUBDIR))
-    base = os.path.join(root, KAGGLE_SUBDIR) if kaggle else root
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(base, split)):
-            raise DataError(f"--data-path {root}: missing '{split}/' folder (expected {root}/{split}/<class>/<image>, "
-                            f"or the Kaggle download's {KAGGLE_SUBDIR}/{split}/)")
-    train_root, val_root = os.path.join(base, "train"), os.path.join(base, "val")
-    classes = list_classes(train_root)
-    if not classes:
-        raise DataError(f"{train_root} has no class folders (expected train/<class>/<image>)")
-    val_classes = list_classes(val_root)
-    if val_classes:
-        if val_classes != classes:
-            only_train = sorted(set(classes) - set(val_classes))[:5]
-            only_val = sorted(set(val_classes) - set(classes))[:5]
-            raise DataError(f"val classes differ from train classes ({len(val_classes)} vs {len(classes)}; "
-                            f"only in train: {only_train}, only in val: {only_val})")
-        samples, scan = _class_folder_samples(val_root, classes)
-        return Layout("class folders", train_root, val_root, classes, samples, scan)
-    files = _flat_images(val_root)
-    csv_path = os.path.join(root, KAGGLE_VAL_CSV)
-    if os.path.isfile(csv_path):
-        samples = _csv_samples(files, csv_path, classes)
-        kind = f"Kaggle ImageNet ({KAGGLE_SUBDIR}, val labels from {KAGGLE_VAL_CSV})" if kaggle else \
-            f"class folders for train/, flat val/ labelled by {KAGGLE_VAL_CSV}"
-    else:
-        samples = _file_name_samples(files, classes)
-        kind = "class folders for train/, flat val/ with the class at the end of each file name"
-    return Layout(kind, train_root, val_root, classes, samples, None)
-
-
-def _class_folder_samples(val_root, classes):
-    """val/<class>/... -> [(path, index)]; a folder that cannot be read would silently shrink the evaluation."""
-    samples, scan = scan_classes(val_root, classes)
-    if scan.unreadable:
-        folder, why = scan.unreadable[0]
-        more = f" (and {len(scan.unreadable) - 1} more)" if len(scan.unreadable) > 1 else ""
-        raise DataError(f"validation folder {folder} cannot be read ({why}){more}: its images would be left out "
-                        f"of the evaluation; fix its permissions or remove it")
-    return samples, scan
-
-
-def _flat_images(val_root):
-    try:
-        with os.scandir(val_root) as entries:
-            files = sorted(e.path for e in entries if e.is_file() and is_image_file(e.name))
-    except OSError as e:
-        raise DataError(f"{val_root}: cannot read the folder ({e.strerror or e})") from None
-    if not files:
-        raise DataError(f"{val_root} has neither class folders nor image files ({', '.join(IMAGE_EXTENSIONS)})")
-    return files
-
-
-def _label_error(paths, message):
-    """One line naming the first offending file and how many more there are."""
-    more = f" (and {len(paths) - 1} more validation images)" if len(paths) > 1 else ""
-    return DataError(f"{paths[0]}: {message}{more}")
-
-
-def read_val_solution(csv_path):
-    """LOC_val_solution.csv -> {ImageId: (first wnid of PredictionString, line number)}; DataError naming the
-    line for anything else."""
-    labels = {}
-    try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
-            rows = csv.reader(f)
-            header = next(rows, None)
-            if [h.strip() for h in header or []] != ["ImageId", "PredictionString"]:
-                raise DataError(f"{csv_path} line 1: expected the header 'ImageId,PredictionString', "
-                                f"found {','.join(header or [])!r}")
-            for row in rows:
-                if not any(field.strip() for field in row):
-                    continue  # blank line
-                words = row[1].split() if len(row) == 2 else []
-                if not row[0].strip() or not words:
-                    raise DataError(f"{csv_path} line {rows.line_num}: expected 'ImageId,PredictionString' "
-                                    f"(e.g. ILSVRC2012_val_00000001,n01751748 0 0 10 10), found {','.join(row)!r}")
-                image_id, label = row[0].strip(), words[0]
-                if labels.get(image_id, (label,))[0] != label:
-                    raise DataError(f"{csv_path} line {rows.line_num}: {image_id} is labelled {label} here and "
-                                    f"{labels[image_id][0]} on line {labels[image_id][1]}")
-                labels[image_id] = (label, rows.line_num)
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise DataError(f"{csv_path}: cannot be read as a CSV file ({getattr(e, 'strerror', None) or e})") from None
-    return labels
-
-
-def _csv_samples(files, csv_path, classes):
-    labels = read_val_solution(csv_path)
-    index = {name: i for i, name in enumerate(classes)}
-    unlabelled = [p for p in files if os.path.splitext(os.path.basename(p))[0] not in labels]
-    if unlabelled:
-        raise _label_error(unlabelled, f"no label in {csv_path} (no row with this ImageId)")
-    samples, unknown = [], []
-    for path in files:
-        label, line = labels[os.path.splitext(os.path.basename(path))[0]]
-        if label in index:
-            samples.append((path, index[label]))
-        else:
-            unknown.append((path, label, line))
-    if unknown:
-        path, label, line = unknown[0]
-        raise _label_error([u[0] for u in unknown], f"labelled {label} ({csv_path} line {line}), which is not a "
-                                                    f"class folder of train/ ({len(classes)} classes)")
-    return samples
-
-
-def _file_name_samples(files, classes):
-    """val/<anything>_<class>.<ext>: the longest training class name the file name ends with."""
-    index = {name: i for i, name in enumerate(classes)}
-    samples, unlabelled = [], []
-    for path in files:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        cuts = [k for k, ch in enumerate(stem) if ch == "_"]
-        found = next((index[stem[k + 1:]] for k in cuts if stem[k + 1:] in index), None)
-        if found is None:
-            unlabelled.append(path)
-        else:
-            samples.append((path, found))
-    if unlabelled:
-        stem = os.path.splitext(os.path.basename(unlabelled[0]))[0]
-        ending = f"ends in '_{stem.rsplit('_', 1)[1]}', which is not" if "_" in stem else "does not end in _<class> of"
-        raise _label_error(unlabelled, f"a flat val/ needs each file name to end in _<class>.<ext> (e.g. "
-                                       f"ILSVRC2012_val_00000001_n01751748.JPEG) or a {KAGGLE_VAL_CSV}; this name "
-                                       f"{ending} a class folder of train/ ({len(classes)} classes)")
-    return samples
-
-
-def check_dataset_layout(root):
-    """The class names of --data-path in any accepted layout (see find_layout), or DataError saying what is
-    wrong. main.validate_args calls it before any work starts."""
-    return find_layout(root).classes
 
 
 # ----------------------------------------------------------------------------
@@ -527,12 +255,12 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
     """Shuffled shard of the training set for one rank, able to resume mid-epoch on any number of ranks.
 
     The epoch has one global order (a fresh permutation from seed + epoch, the same whatever the number of
-    ranks), and rank r of W takes positions r, r + W, r + 2W, ... of it, like DistributedSampler (padded by
-    wrapping so every rank gets the same number of samples). A step of global batch B therefore consumes
-    exactly positions [k * B, (k + 1) * B) of the global order, whatever W is, so a run stopped after k steps
-    records `start_sample` = k * B, and the resumed run, on any number of ranks, shares the rest of the order
-    among its ranks: every sample of the epoch is used once across the interruption. Without a resume
-    (start_sample 0) the shards are exactly DistributedSampler's.
+    ranks), and rank r of W takes positions r, r + W, r + 2W, ... of it, like DistributedSampler but without
+    its padding (a padded epoch trains a few samples twice, and a resume on another number of ranks would pad
+    differently). A step of global batch B therefore consumes exactly positions [k * B, (k + 1) * B) of the
+    global order, whatever W is, so a run stopped after k steps records k * B samples done, and the resumed
+    run, on any number of ranks, shares the rest of the order among its ranks: every sample of the epoch is
+    used exactly once across the interruption (its last step may give the ranks one sample more or less).
 
     `repeats` > 1 is repeated augmentation (--ra-sampler, as in DeiT/torchvision):
     each image appears `repeats` times in a row of the global order, so its copies
@@ -551,12 +279,15 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
         self.repeats = repeats
         self.epoch = 0
         self.start_sample = 0
+        self.order_seed = seed
 
-    def set_epoch(self, epoch, start_sample=0):
+    def set_epoch(self, epoch, start_sample=0, order_seed=None):
         """start_sample: how many samples of this epoch's global order all ranks together have already
-        consumed (steps done x global batch), 0 for a fresh epoch."""
+        consumed (steps done x global batch), 0 for a fresh epoch. order_seed: the seed of the order to continue
+        (a checkpoint's, when the run resumes its epoch with another --seed); None: this run's."""
         self.epoch = epoch
         self.start_sample = start_sample
+        self.order_seed = self.seed if order_seed is None else order_seed
 
     def epoch_length(self):
         """Samples in one epoch of the global order, unpadded (the LR position is epoch + done / this)."""
@@ -565,22 +296,23 @@ class ResumableDistributedSampler(torch.utils.data.Sampler):
     def _global_order(self):
         if self.shuffle:
             g = torch.Generator()
-            g.manual_seed(self.seed + self.epoch)
+            g.manual_seed(self.order_seed + self.epoch)
             order = torch.randperm(self.dataset_size, generator=g).tolist()
         else:
             order = list(range(self.dataset_size))
         return [(i, r) for i in order for r in range(self.repeats)]
 
     def _positions(self):
-        """This rank's positions of the epoch's global order: the part after start_sample, padded to a
-        multiple of the world size by carrying on around the order (as DistributedSampler pads)."""
+        """This rank's positions of the epoch's global order after start_sample, not padded: each position is
+        taken once by one rank, so an epoch interrupted and resumed on another number of ranks uses every sample
+        exactly once. The ranks' shares then differ by at most one sample, in the epoch's last step (the
+        trainer weights each rank's loss by its share of that step's images)."""
         start = min(self.start_sample, self.epoch_length())
-        remaining = math.ceil((self.epoch_length() - start) / self.num_replicas) * self.num_replicas
-        return range(start + self.rank, start + remaining, self.num_replicas)
+        return range(start + self.rank, self.epoch_length(), self.num_replicas)
 
     def __iter__(self):
         order = self._global_order()
-        return iter((self.epoch, *order[p % len(order)]) for p in self._positions())
+        return iter((self.epoch, *order[p]) for p in self._positions())
 
     def __len__(self):
         return len(self._positions())
@@ -590,6 +322,7 @@ class ExactEvalSampler(torch.utils.data.Sampler):
     """Rank r evaluates images r, r+W, r+2W, ...: no padding, no drops, each image exactly once."""
 
     def __init__(self, dataset_size, num_replicas=1, rank=0):
+        self.dataset_size, self.num_replicas = dataset_size, num_replicas
         self.indices = list(range(rank, dataset_size, num_replicas))
 
     def __iter__(self):
@@ -603,19 +336,12 @@ class ExactEvalSampler(torch.utils.data.Sampler):
 # Loaders
 # ----------------------------------------------------------------------------
 
-def default_workers(local_world_size=1):
-    """The cores this process may use, shared among the ranks on this machine, minus one per rank for the
-    trainer itself. No fixed cap: a 16-core single-GPU box needs ~15 decoders to feed DenseNet-201 at bf16."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, cores // max(1, local_world_size) - 1)
-
-
 def _ignore_stop_signals(worker_id):
-    """Workers leave SIGTERM/SIGINT to the trainer: schedulers signal the whole process group, and a worker
-    dying first would crash the trainer before it can finish its step and write the preemption checkpoint.
+    """Workers leave the stop signals (stop.STOP_SIGNALS) to the trainer: schedulers signal the whole process
+    group, and a worker dying first would crash the trainer before it can finish its step and save.
     (Workers still exit when the trainer does: they watch their parent.) SIGHUP too: a closed ssh session
     signals the whole session, and the trainer treats it as SIGTERM."""
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
         signal.signal(signum, signal.SIG_IGN)
     # A signal can stop the trainer while it is receiving a batch from this worker (it honours a signal at once
     # while it waits for data); the worker's fd-sharing thread then reports the reset connection as a
@@ -626,6 +352,26 @@ def _ignore_stop_signals(worker_id):
 def _quiet_when_the_trainer_is_gone(exc_type, exc, tb):
     if not issubclass(exc_type, (ConnectionError, EOFError)):
         sys.__excepthook__(exc_type, exc, tb)
+
+
+def batches(loader):
+    """iter(loader), with the DataLoader's SIGCHLD handler taken off again. That handler raises "worker killed"
+    from whatever line the trainer is on when a worker dies (the OOM killer), possibly between an optimizer step
+    and its count, or inside a collective; without it the dead worker is found by the loader itself at the next
+    fetch (within seconds), at a step boundary, where the run stops cleanly (engine.next_batch)."""
+    iterator = iter(loader)
+    if getattr(loader, "num_workers", 0) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    return iterator
+
+
+def eval_steps(loader):
+    """Batches of the rank with the most validation images: every rank goes through that many boundaries
+    (ranks with fewer images have none in the last), so the ranks can agree at each."""
+    sampler = loader.sampler
+    if not isinstance(sampler, ExactEvalSampler):
+        return len(loader)
+    return math.ceil(math.ceil(sampler.dataset_size / sampler.num_replicas) / loader.batch_size)
 
 
 PREFETCH_FACTOR = 4  # batches each loader worker keeps ready
@@ -694,3 +440,67 @@ class SyntheticLoader:
 
     def __len__(self):
         return self.steps
+
+
+# ----------------------------------------------------------------------------
+# The run's data
+# ----------------------------------------------------------------------------
+
+class Data(NamedTuple):
+    train_loader: object
+    train_sampler: Optional[ResumableDistributedSampler]  # None for --synthetic
+    val_loader: object                                     # None for --synthetic
+    classes: list
+    train_files: list = ()                                 # the training images' paths (for order())
+
+    def order(self, seed):
+        """What an epoch's sample order is drawn from (checkpoint.Position.order): the seed, the number of
+        training images and a digest of their names (relative to train/), so that a mid-epoch resume can tell
+        whether the rest of that order is the rest of what was trained."""
+        if self.train_sampler is None:
+            return {"seed": seed, "images": None, "digest": None}
+        digest = hashlib.sha256("\n".join(self.train_files).encode("utf-8", "surrogateescape")).hexdigest()[:16]
+        return {"seed": seed, "images": len(self.train_files), "digest": digest}
+
+
+def build(args, run):
+    """The training and validation loaders of this rank (SyntheticLoader for --synthetic), with the data set's
+    warnings (classes without images, repeated files) and its one-line description."""
+    if args.synthetic:
+        classes = [str(i) for i in range(args.num_classes or 1000)]
+        loader = SyntheticLoader(run.local_batch, args.train_crop_size, len(classes), args.max_steps or 100,
+                                 args.seed, pin_memory=run.device.is_accelerator)
+        return Data(loader, None, None, classes)
+    if args.cache_dataset:
+        log("Note: --cache-dataset is accepted for the original's scripts and does nothing here: the file list "
+            "is scanned at start-up (seconds), and the original's cache held a pickled dataset object")
+    check_shared_memory(run.workers, run.local_batch, max(args.train_crop_size, args.val_crop_size),
+                        run.local_world_size)
+    found = find_layout(args.data_path)  # class folders, the Kaggle download, or a flat val/
+    train_set = train_dataset(found.train_root, args.train_crop_size, args.interpolation, args.crop_scale,
+                              args.hflip_prob, args.auto_augment, args.ra_magnitude, args.augmix_severity,
+                              args.random_erase, fast_decode=args.fast_decode, seed=args.seed)
+    val_set = ImageListDataset(found.val_samples, found.classes, eval_transform(
+        args.val_resize_size, args.val_crop_size, args.interpolation), seed=args.seed, root=found.val_root)
+    empty = train_set.classes_without_images()
+    if empty:
+        warn(f"{len(empty)} of {len(train_set.classes)} classes have no usable training image and will never be "
+             f"learned: " + ", ".join(f"{name} ({why})" for name, why in empty[:10]))
+    for skipped in (describe_repeats(train_set.scan, found.train_root), describe_repeats(found.val_scan,
+                                                                                         found.val_root)):
+        if skipped and run.rank == 0:
+            warn(skipped)  # symlink loops, second names of a file: each real file is used once
+    train_sampler = ResumableDistributedSampler(len(train_set), run.world_size, run.rank, args.seed,
+                                                repeats=args.ra_reps if args.ra_sampler else 1)
+    if args.batch_size > train_sampler.epoch_length() and run.rank == 0 and not args.test_only:
+        warn(f"--batch-size {args.batch_size} is larger than the training set ({train_sampler.epoch_length()} "
+             f"images): every epoch is a single step of {train_sampler.epoch_length()} images; lower --batch-size "
+             f"(and --lr with it) to train more than one step per epoch")
+    val_sampler = ExactEvalSampler(len(val_set), run.world_size, run.rank)
+    pin = run.device.is_accelerator
+    train_loader = make_loader(train_set, train_sampler, run.local_batch, run.workers, pin, args.seed)
+    val_loader = make_loader(val_set, val_sampler, run.local_batch, run.workers, pin, args.seed)
+    log(f"Data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes from "
+        f"{args.data_path} (layout: {found.kind})")
+    files = [os.path.relpath(path, found.train_root) for path, _ in train_set.samples]
+    return Data(train_loader, train_sampler, val_loader, train_set.classes, files)

@@ -162,6 +162,16 @@ def resolve_device(requested="auto", local_rank=0, device_ids=None):
     return Device(requested, index)
 
 
+def parse_device_ids(text):
+    """--device_ids "4,5,6,7" -> [4, 5, 6, 7]; None when not given."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise UserError(f"--device_ids must be comma-separated integers, got {text!r}") from None
+
+
 def configure_backends(device, deterministic=False):
     """Kernel selection for the run: reproducible (--deterministic) or fastest."""
     if deterministic:
@@ -183,6 +193,29 @@ def set_threads_per_rank(device, local_world_size):
     """Ranks on one machine share its cores: oversubscribed OpenMP threads slow CPU training many-fold."""
     if device.type == "cpu" and local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+
+
+def prepare_collectives(backend):
+    """Before the process group: NCCL's watchdog, on a collective that fails or hangs past --dist-timeout (a lost
+    peer), by default (TORCH_NCCL_ASYNC_ERROR_HANDLING=3) ends the process at once, from its own thread. 2
+    aborts the communicator instead and the waiting call raises, so the trainer stops with one line (stop.py).
+    HCCL's torch_npu counterpart (HCCL_ASYNC_ERROR_HANDLING) already defaults to raising. A value the user set
+    is kept."""
+    if backend == "nccl":
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
+
+
+def abort_collectives(device):
+    """After a lost peer on NCCL/HCCL: abort every communicator, so that nothing (a later collective, the copy of
+    a tensor to the host) waits on a collective that will never complete. gloo needs nothing: its collectives
+    fail at once when a peer's connection closes. True when the device's collectives were aborted."""
+    if not device.is_accelerator or not (dist.is_available() and dist.is_initialized()):
+        return False
+    try:
+        dist.distributed_c10d._abort_process_group()  # (torch's experimental API; NCCL, and HCCL through torch_npu)
+    except Exception:
+        pass  # already torn down by the backend's own error handling
+    return True
 
 
 def check_sync_bn(device):

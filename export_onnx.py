@@ -32,7 +32,8 @@ import torch
 
 import densenet
 import checkpoint
-from cli import UserError, run_tool
+import weights
+from cli import UserError, describe_os_error, run_tool
 EXIT_MISMATCH = 1
 
 
@@ -124,9 +125,9 @@ def main(args):
         raise UserError(f"--opset must be >= 11, got {opset}")
     if args.output:  # before loading and exporting (the default name needs the model: checked below)
         checkpoint.check_writable_file(args.output, "--output")
-    model, saved, name = checkpoint.build_model_from_weights(args.weights, args.model, args.num_classes)
+    model, saved, name = weights.build_model_from_weights(args.weights, args.model, args.num_classes)
     num_classes = model.classifier.out_features
-    ckpt_args = checkpoint.saved_config(saved)
+    ckpt_args = weights.saved_config(saved)
     image_size = args.image_size or ckpt_args.get("val_crop_size") or 224
     output = args.output or f"{name}.onnx"
     checkpoint.check_writable_file(output, "--output")
@@ -137,7 +138,7 @@ def main(args):
     try:
         export(model, output, image_size, opset, args.exporter, args.reference_names)
     except OSError as e:  # checked before, but the disk can fill while the file is written
-        raise UserError(f"--output {output}: could not write it ({checkpoint.describe_os_error(e)})") from None
+        raise UserError(f"--output {output}: could not write it ({describe_os_error(e)})") from None
     size_mb = os.path.getsize(output) / 2 ** 20
     written = opset_of(output)
     if written != opset:

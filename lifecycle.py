@@ -1,172 +1,29 @@
-"""The life of a training process: stop signals, output streams, the per-rank log, and exits that never hang.
-
-    stop = StopSignal()                 # SIGTERM, SIGINT, SIGHUP
-    with stop.deferred():               # a first signal is only recorded: finish the step, then checkpoint
-        for ...:
-            with stop.waiting(), data_timeout(args.data_timeout, "train"):
-                batch = next(batches)   # a signal while waiting for data stops at once (no step in flight)
-            ...
-            if stop.requested: save and exit 75
-    # outside deferred(): a first signal raises Interrupted at once (nothing to save)
-    # anywhere: a second signal exits at once, without saving
-
-Interrupted and DataStall derive from BaseException, as KeyboardInterrupt does: they can be raised by a signal
-handler at any line, and an `except Exception` on the way (the dataset's "unreadable image" handler, a
-fallback decoder) must not turn a stop into a skipped image.
-"""
+"""The life of a training process outside training itself: output streams that nobody may block, the per-rank
+log, child processes, and exits that never hang. (How a run decides to stop is stop.py.)"""
 import atexit
+import collections
 import contextlib
 import faulthandler
 import multiprocessing
 import multiprocessing.util  # noqa: F401  (imported before atexit.register below: see stop_children)
 import os
-import select
 import signal
-import subprocess
 import sys
 import threading
 import time
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-# A second signal this soon after the first is the same request delivered twice, not a second request: a
-# scheduler that signals every process of a job (scancel, a Kubernetes pod's SIGTERM) reaches the ranks
-# directly AND through torchrun, which forwards it. A person's second Ctrl-C comes later.
-DUPLICATE_WINDOW_S = 1.0
-
-
-class Interrupted(BaseException):
-    """A stop signal where there is nothing to save: the process should end now, in one line."""
-
-    def __init__(self, signum, where=None):
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
-        self.where = where  # what the process was doing, when the raiser knows it
-        super().__init__(f"stopped by {self.signal_name}" + (f" during {where}" if where else ""))
-
-
-class DataStall(BaseException):
-    """The data loader delivered nothing for --data-timeout seconds; str() is the one-line message."""
-
-
-# ----------------------------------------------------------------------------
-# Stop signals
-# ----------------------------------------------------------------------------
-
-class StopSignal:
-    """SIGTERM, SIGINT and SIGHUP (a closed ssh session: treated like SIGTERM).
-
-    Outside deferred() a first signal raises Interrupted at once. Inside deferred() it only sets `requested`
-    (and `signal_name`), so the trainer can finish its step and write a checkpoint; inside waiting() it
-    raises Interrupted again, since no step is in flight. A second signal, anywhere, ends the process at
-    once without saving: the user (or the scheduler) has asked twice."""
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name = None
-        self.signum = None
-        self._first_at = None
-        self._deferred = 0
-        self._waiting = 0
-        self._previous = {}
-        for signum in STOP_SIGNALS:
-            previous = signal.getsignal(signum)
-            if signum == signal.SIGHUP and previous == signal.SIG_IGN:
-                continue  # started under nohup: the user asked for the run to survive a closed terminal
-            self._previous[signum] = previous
-            signal.signal(signum, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            if time.monotonic() - self._first_at < DUPLICATE_WINDOW_S:
-                return  # the same request delivered twice (see DUPLICATE_WINDOW_S): keep saving
-            exit_now(f"second {signal.Signals(signum).name}: exiting now without saving", 128 + signum)
-        self.requested = True
-        self._first_at = time.monotonic()
-        self.signum = signum
-        self.signal_name = signal.Signals(signum).name
-        if not self._deferred or self._waiting:
-            raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        """A first signal in here is only recorded (requested, signal_name): the trainer saves, then stops."""
-        self._deferred += 1
-        try:
-            yield self
-        finally:
-            self._deferred -= 1
-
-    @contextlib.contextmanager
-    def waiting(self):
-        """Around fetching the next batch inside deferred(): a signal now, or one recorded just before,
-        raises Interrupted (a loader blocked on a hung file would otherwise never let the trainer see it)."""
-        self._waiting += 1  # before the check: a signal between the two lines raises in the handler
-        try:
-            self.raise_if_requested()
-            yield self
-        finally:
-            self._waiting -= 1
-
-    def raise_if_requested(self):
-        if self.requested:
-            raise Interrupted(self.signum)
-
-    def restore(self):
-        """Put back the handlers that were there before (in-process tests)."""
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
-        self._previous = {}
-
-
-def innermost_stage(traceback, stages):
-    """stages[name] of the innermost function on `traceback` whose name is in `stages`, else None: where a
-    signal stopped the process, for its one-line message."""
-    where = None
-    while traceback is not None:
-        where = stages.get(traceback.tb_frame.f_code.co_name, where)
-        traceback = traceback.tb_next
-    return where
-
-
 def exit_now(reason, code):
-    """One line on stderr, stop the loader workers and the log's tee, and end the process without unwinding
-    (no atexit handler, no `finally`: what runs now must not be able to hang)."""
-    try:
-        os.write(2, f"\n{reason}\n".encode())  # not sys.stderr: the signal may have landed inside its write()
-    except OSError:
-        pass
+    """One line on stderr, stop the loader workers, and end the process without unwinding (no atexit handler,
+    no `finally`: what runs now must not be able to hang)."""
+    if isinstance(sys.stderr, Stream):  # (reentrant and never blocking: safe inside a signal handler)
+        sys.stderr.write(f"\n{reason}\n")
+    else:
+        with contextlib.suppress(OSError):
+            os.write(2, f"\n{reason}\n".encode())
     stop_children()
     close_output(timeout=2)
     os._exit(code)
-
-
-# ----------------------------------------------------------------------------
-# Data stalls
-# ----------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def data_timeout(seconds, stage):
-    """Raise DataStall if the body (fetching a batch) takes longer than `seconds`; None or 0: no limit.
-
-    A timer signal (SIGALRM), not a watchdog thread: with 0 loader workers the main thread itself is blocked
-    in a read() of the stalled file, and only a signal interrupts that. Off outside the main thread, where
-    Python cannot handle signals. Not nested: the inner one would cancel the outer one's timer."""
-    if not seconds or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expired(signum, frame):
-        raise DataStall(f"{stage}: no batch for {seconds:g} s from the data loader (a hung file system? raise "
-                        f"--data-timeout)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 # ----------------------------------------------------------------------------
@@ -215,108 +72,156 @@ atexit.register(stop_children)
 # Output streams
 # ----------------------------------------------------------------------------
 
-class GuardedStream:
-    """sys.stdout or sys.stderr whose failed writes (a closed pipe, a full disk) do not raise: the stream is
-    marked dead, one warning goes to the other stream, and later writes to it are dropped. A training run
-    must not die because nobody is reading its terminal any more; the log file, metrics and checkpoints
-    carry on."""
+# Terminal output waiting for a slow or stopped reader, in bytes; beyond it new output is dropped (and counted).
+QUEUE_LIMIT = 4 << 20
+ENCODING = "utf-8"
 
-    def __init__(self, stream, name):
-        self._stream = stream
-        self._name = name
-        self.dead = False
+
+class _Terminal:
+    """One thread that writes this process's terminal output (the fds sys.stdout and sys.stderr had), in the
+    order it was written, so that the main thread never waits on a terminal, a pipe or a pseudo-terminal: a
+    full pipe (`| sleep 600`) or a stopped pager would otherwise block a print, and with it the stop signals'
+    handlers, which run between the main thread's bytecodes. A terminal that fails (a closed pipe, a hung-up
+    ssh session) is dropped with one warning on the other; the log file, metrics and checkpoints carry on."""
+
+    def __init__(self):
+        self.lock = threading.Condition()
+        self.queue = collections.deque()   # (fd, bytes)
+        self.queued = 0
+        self.dropped = 0
+        self.dead = set()                   # fds that failed
+        self.thread = None
+        self.sync = False                   # in a forked child (a loader worker): no thread, write directly
+
+    def put(self, fd, data):
+        if fd in self.dead:
+            return
+        if self.sync:
+            self._write(fd, data)
+            return
+        with self.lock:
+            if self.queued + len(data) > QUEUE_LIMIT:
+                self.dropped += len(data)
+                return
+            self.queue.append((fd, data))
+            self.queued += len(data)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="terminal", daemon=True)
+                self.thread.start()
+            self.lock.notify()
+
+    def _run(self):
+        while True:
+            with self.lock:
+                while not self.queue:
+                    self.lock.wait()
+                fd, data = self.queue.popleft()
+                dropped, self.dropped = self.dropped, 0
+            if dropped:
+                self._write(fd, f"[{dropped} bytes of output dropped here: the terminal was not reading]\n".encode())
+            self._write(fd, data)
+            with self.lock:
+                self.queued -= len(data)
+                self.lock.notify_all()
+
+    def _write(self, fd, data):
+        if fd in self.dead:
+            return
+        try:
+            _write_all(fd, data)
+        except OSError as e:
+            self.dead.add(fd)
+            name = {_saved_fds.get(1, 1): "stdout", _saved_fds.get(2, 2): "stderr"}.get(fd, f"fd {fd}")
+            where = f"only to --log-file {_log['path']}" if _log["fd"] is not None else "nowhere"
+            warning = f"warning: {name} cannot be written ({e.strerror}): its output goes {where} from now on\n"
+            for other in (*(f for f in _saved_fds.values() if f != fd), _log["fd"]):
+                if other is not None and other not in self.dead:
+                    with contextlib.suppress(OSError):
+                        _write_all(other, warning.encode())
+
+    def drain(self, timeout):
+        """Wait (at most `timeout` s) until everything queued is written."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.queue and time.monotonic() < deadline and self.thread is not None:
+                self.lock.wait(max(0.0, deadline - time.monotonic()))
+
+
+_terminal = _Terminal()
+_saved_fds = {}                      # {1: the terminal's stdout fd, 2: its stderr fd}, as this process found them
+_log = {"fd": None, "path": None}    # --log-file (capture_output): its fd, which fds 1 and 2 also point to
+
+
+class Stream:
+    """sys.stdout or sys.stderr: each write goes to the --log-file at once (a plain file: the log is complete and
+    in write order even if the process is killed the next moment) and to the terminal through _Terminal (never
+    waiting on it). Text is encoded as UTF-8 with backslash escapes for what cannot be encoded (a file name with
+    a byte that is not UTF-8 prints as '\\udce9', not as an error that would silence the run). Writes never
+    raise."""
+
+    def __init__(self, stream, fd):
+        self._stream = stream   # the original, for attributes nobody writes through (isatty, encoding, ...)
+        self._fd = fd           # 1 or 2
+        self._lock = threading.RLock()  # reentrant: a signal handler may print while the main thread is in write()
 
     def write(self, text):
-        if self.dead:
-            return len(text)
-        try:
-            return self._stream.write(text)
-        except (OSError, ValueError) as e:
-            self._die(e)
-            return len(text)
+        if not isinstance(text, str):
+            text = str(text)
+        data = text.encode(ENCODING, "backslashreplace")
+        with self._lock:
+            if _log["fd"] is not None:
+                try:
+                    _write_all(_log["fd"], data)
+                except OSError as e:
+                    log_failed(e)
+            _terminal.put(_saved_fds.get(self._fd, self._fd), data)
+        return len(text)
 
     def writelines(self, lines):
         for line in lines:
             self.write(line)
 
     def flush(self):
-        if self.dead:
-            return
-        try:
-            self._stream.flush()
-        except (OSError, ValueError) as e:
-            self._die(e)
+        pass  # every write is already out of this process's buffers, or queued for the terminal
 
-    def _die(self, error):
-        self.dead = True
-        # What is still buffered would fail again at every flush, and at exit with an "Exception ignored"
-        # message: send the file descriptor to /dev/null (so C code writing to it gets no error either).
-        try:
-            fd = self._stream.fileno()
-            null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, fd)
-            os.close(null)
-            self._stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass
-        other = sys.stderr if self._name == "stdout" else sys.stdout
-        reason = os.strerror(error.errno) if isinstance(error, OSError) and error.errno else str(error)
-        if not getattr(other, "dead", False):
-            try:
-                other.write(f"warning: {self._name} cannot be written ({reason}): its output is dropped from now "
-                            f"on\n")
-                other.flush()
-            except (OSError, ValueError):
-                pass
+    @property
+    def dead(self):
+        return _saved_fds.get(self._fd, self._fd) in _terminal.dead
 
-    def __getattr__(self, name):  # fileno, isatty, encoding, buffer, reconfigure, ...
+    def fileno(self):
+        return self._fd
+
+    def __getattr__(self, name):  # isatty, encoding, errors, buffer, reconfigure, ...
         return getattr(self._stream, name)
 
 
+def log_failed(error):
+    """--log-file cannot be written any more (a full disk): said once on the terminal; the run goes on."""
+    path, _log["fd"] = _log["path"], None
+    with contextlib.suppress(OSError):
+        os.dup2(_saved_fds[1], 1)  # native output goes back to the terminal too
+        os.dup2(_saved_fds[2], 2)
+    _terminal.put(_saved_fds.get(2, 2), f"warning: --log-file {path}: cannot write ({error.strerror}); the log "
+                                        f"stops here\n".encode())
+
+
 def guard_streams():
-    """Make failing writes to sys.stdout and sys.stderr harmless (see GuardedStream). Idempotent."""
-    for name in ("stdout", "stderr"):
+    """Route sys.stdout and sys.stderr through Stream (see there). Idempotent."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
         stream = getattr(sys, name)
-        if stream is not None and not isinstance(stream, GuardedStream):
-            setattr(sys, name, GuardedStream(stream, name))
+        if stream is not None and not isinstance(stream, Stream):
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.flush()
+            setattr(sys, name, Stream(stream, fd))
 
 
-# The tee of capture_output: (process, the original stdout and stderr fds), or None.
-_tee = None
+def _after_fork_in_child():
+    _terminal.sync = True  # the parent's terminal thread does not exist here
+    _terminal.thread = None
+    _terminal.queue.clear()
 
-def tee(log, path, sources):
-    """The copying process of capture_output (run as `python lifecycle.py --tee ...`): what arrives on each pipe
-    in `sources` ({read fd: terminal fd}) goes to that terminal fd and is appended to the file `log`.
 
-    A process, not a thread: the log stays complete when the trainer dies by SIGKILL or a segfault. It ignores
-    the stop signals (a Ctrl-C reaches the whole process group, and the trainer's last lines must still be
-    copied) and ends when every writer has closed its end of the pipes. A terminal that cannot be written any
-    more (a closed pipe, a hung-up ssh session) is dropped with one warning, and the file carries on."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    names = {1: "stdout", 2: "stderr"}
-    while sources:
-        for fd in select.select(list(sources), [], [])[0]:
-            data = os.read(fd, 1 << 16)
-            if not data:
-                del sources[fd]
-                continue
-            terminal = sources[fd]
-            if terminal is not None:
-                try:
-                    _write_all(terminal, data)
-                except OSError as e:
-                    sources[fd] = None
-                    _try_write([log, *(t for t in sources.values() if t is not None)],
-                               f"warning: {names[terminal]} cannot be written ({e.strerror}): its output goes only "
-                               f"to --log-file {path} from now on\n")
-            if log is not None:
-                try:
-                    _write_all(log, data)
-                except OSError as e:
-                    log = None
-                    _try_write([t for t in sources.values() if t is not None],
-                               f"warning: --log-file {path}: cannot write ({e.strerror}); the log stops here\n")
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _write_all(fd, data):
@@ -325,72 +230,33 @@ def _write_all(fd, data):
         view = view[os.write(fd, view):]
 
 
-def _try_write(fds, text):
-    for fd in fds:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                _write_all(fd, text.encode())
-
-
 def capture_output(path):
-    """Append everything this process writes to file descriptors 1 and 2 to `path`, and still show it where it
-    went before (the terminal): Python's prints, C++ warnings, gloo/NCCL/HCCL messages, faulthandler dumps,
-    as the original's `> train_$RANK_ID.log 2>&1` does, plus the terminal.
-
-    The copying is done by a small child process reading two pipes that replace fds 1 and 2, so that the file
-    stays complete if this process is killed. Raises OSError if `path` cannot be opened for appending."""
-    global _tee
-    if _tee is not None:
+    """Append everything this process writes to file descriptors 1 and 2 to `path`, as the original's
+    `> train_$RANK_ID.log 2>&1`: Python's prints, and native output (C++ warnings, gloo/NCCL/HCCL messages,
+    faulthandler dumps), which the kernel writes into the file directly -- one stream, in write order, complete
+    when the process is killed, with no copying process that could die. Python's prints also still reach the
+    terminal (Stream); native output goes to the file only. Raises OSError if `path` cannot be opened."""
+    if _log["fd"] is not None:
         raise RuntimeError("capture_output: already capturing")
+    guard_streams()
     log = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    out_r, out_w = os.pipe()
-    err_r, err_w = os.pipe()
-    try:
-        # -S: no site-packages to import, the standard library is all it needs (a fast start)
-        tee = subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), "--tee", str(log), path,
-                                str(out_r), str(err_r)], pass_fds=(log, out_r, err_r), stdin=subprocess.DEVNULL)
-    finally:
-        os.close(log)
-        os.close(out_r)
-        os.close(err_r)
-    saved = (os.dup(1), os.dup(2))  # the terminal, put back by close_output (not inherited by children)
-    os.dup2(out_w, 1)
-    os.dup2(err_w, 2)
-    os.close(out_w)
-    os.close(err_w)
-    _tee = (tee, saved)
-    # A pipe would make sys.stdout block-buffered: keep lines appearing as they are printed.
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):
-            stream.reconfigure(line_buffering=True)
-    atexit.register(close_output)
+    _saved_fds.update({1: os.dup(1), 2: os.dup(2)})  # the terminal (not inherited by children: O_CLOEXEC)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    _log.update(fd=1, path=path)
 
 
 def close_output(timeout=5.0):
-    """End capture_output: flush, give fds 1 and 2 back to the terminal and wait (at most `timeout` s) for the
-    tee to write the rest, so the file is complete when the process has exited. Safe to call twice."""
-    global _tee
-    if _tee is None:
-        return
-    tee, saved = _tee
-    _tee = None
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    """Before the process ends: give the terminal at most `timeout` seconds to take what is queued for it.
+    The log needs nothing: every line is in the file already. Safe to call twice."""
     with contextlib.suppress(Exception):
         import ctypes
-        ctypes.CDLL(None).fflush(None)  # C stdio buffers (native libraries' printf) go through the pipe too
-    stop_children()  # loader workers hold copies of the pipes: the tee sees the end only when they are gone
-    os.dup2(saved[0], 1)
-    os.dup2(saved[1], 2)
-    os.close(saved[0])
-    os.close(saved[1])
-    try:
-        tee.wait(timeout)
-    except subprocess.TimeoutExpired:
-        pass  # another process still holds the pipe (a grandchild): the tee finishes when it closes it
+        ctypes.CDLL(None).fflush(None)  # C stdio buffers (native libraries' printf)
+    _terminal.drain(timeout)
+
+
+atexit.register(close_output)
 
 
 def enable_faulthandler():
@@ -400,5 +266,3 @@ def enable_faulthandler():
         faulthandler.enable(file=2, all_threads=True)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--tee"]:  # capture_output's child: --tee LOG PATH OUT ERR
-    tee(int(sys.argv[2]), sys.argv[3], {int(sys.argv[4]): 1, int(sys.argv[5]): 2})

@@ -28,8 +28,10 @@ import cli
 cli.check_torchvision()  # before `import data`: a torchvision built for another torch is one line, not a traceback
 
 import data as data_lib
+import layout as layout_lib
 import densenet
 import checkpoint
+import weights
 from device import DEVICE_TYPES, place_model, resolve_device
 from cli import UserError, run_tool
 RAW_WEIGHTS_PREPROCESSING = {"val_resize_size": 256, "val_crop_size": 224, "interpolation": "bilinear"}
@@ -67,7 +69,7 @@ def collect_files(paths):
             found = []
             for root, dirs, names in os.walk(path, followlinks=True):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
-                found.extend(os.path.join(root, n) for n in names if data_lib.is_image_file(n))
+                found.extend(os.path.join(root, n) for n in names if layout_lib.is_image_file(n))
             found.sort()
             if not found:
                 print(f"warning: no image files in folder {path}", file=sys.stderr, flush=True)
@@ -144,7 +146,7 @@ def write_output(path, results, skipped, meta):
     try:
         _write_output(path, results, skipped, meta)
     except OSError as e:  # checked before the work, but the disk can fill or the folder go since
-        raise UserError(f"--output {path}: could not write it ({checkpoint.describe_os_error(e)})") from None
+        raise UserError(f"--output {path}: could not write it ({cli.describe_os_error(e)})") from None
 
 
 def _write_output(path, results, skipped, meta):
@@ -190,7 +192,7 @@ def main(args):
     for s in skipped:
         print(f"warning: skipped {s['path']}: {s['reason']}", file=sys.stderr, flush=True)
 
-    model, saved, name = checkpoint.build_model_from_weights(args.weights, args.model)
+    model, saved, name = weights.build_model_from_weights(args.weights, args.model)
     num_classes = model.classifier.out_features
     classes = saved.get("classes")
     if args.class_index:
@@ -199,7 +201,7 @@ def main(args):
         class_names = [str(c) for c in classes]
     else:
         class_names = [str(i) for i in range(num_classes)]
-    ckpt_args = checkpoint.saved_config(saved)
+    ckpt_args = weights.saved_config(saved)
     prep = {k: ckpt_args.get(k) or default for k, default in RAW_WEIGHTS_PREPROCESSING.items()}
 
     device = resolve_device(args.device)

@@ -2,7 +2,7 @@
 
 main.py's epoch loop, benchmark.py and the tests all train through Trainer.step, so what is benchmarked
 and tested is what trains. Nothing here logs or knows which device it is on: device.py decides that, main.py
-reports it. The one file read here is --pretrained's weights (checkpoint.load_pretrained, which logs through
+reports it. The one file read here is --pretrained's weights (weights.load_pretrained, which logs through
 the `log` it is given).
 """
 import math
@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-import checkpoint
+
+import weights
 import data as data_lib
 import densenet
 import device as device_lib
@@ -33,11 +34,13 @@ class Trainer:
     ema: Optional[recipe.ModelEma] = None
     clip_grad_norm: Optional[float] = None
 
-    def step(self, images, targets, lr, update_ema=False, ema_warmup=False):
+    def step(self, images, targets, lr, update_ema=False, ema_warmup=False, weight=1.0):
         """One optimizer step on a uint8 batch; returns (output, loss, targets on the device), all detached.
 
         update_ema: also update the EMA (every --model-ema-steps steps); ema_warmup: during the learning-rate
-        warm-up epochs, where that update makes the EMA a copy of the model (torchvision's reset).
+        warm-up epochs, where that update makes the EMA a copy of the model (torchvision's reset). weight: the
+        factor on this rank's loss for the backward pass (its share of the global batch times the world size,
+        when the ranks' batches differ); the loss returned is the plain mean.
         No host-device synchronisation: the caller reads the returned tensors when it chooses to."""
         images = self.normalize(images)
         targets = targets.to(self.device.torch_device, non_blocking=True)
@@ -50,7 +53,8 @@ class Trainer:
             output = self.model(images)
             loss = self.criterion(output, loss_targets)
         self.amp.zero_grad(self.optimizer)
-        self.amp.backward_and_step(loss, self.optimizer, self.model.parameters(), self.clip_grad_norm)
+        self.amp.backward_and_step(loss if weight == 1 else loss * weight, self.optimizer, self.model.parameters(),
+                                   self.clip_grad_norm)
         if update_ema and self.ema is not None:
             self.ema.update(self.model_without_ddp, warmup=ema_warmup)
         return output.detach(), loss.detach(), targets
@@ -74,7 +78,7 @@ def build_trainer(args, device, num_classes, amp, *, channels_last, distributed=
     model = densenet.build_model(args.model, num_classes=num_classes, drop_rate=args.drop_rate,
                                  memory_efficient=args.memory_efficient)
     if args.pretrained:
-        checkpoint.load_pretrained(model, args.model, args.pretrained_weight_path, log=log)
+        weights.load_pretrained(model, args.model, args.pretrained_weight_path, log=log)
     model = device_lib.place_model(model, device, channels_last, sync_bn=distributed and args.sync_bn)
     optimizer = device_lib.build_sgd(param_groups(model, args.weight_decay, args.norm_weight_decay), args.lr,
                                      args.momentum, device, amp)

@@ -37,8 +37,8 @@ PYTHON=${PYTHON:-python3}
 OUTPUT_ROOT=${OUTPUT_ROOT:-$test_path_dir/output}   # per-rank folders <root>/<rank>/
 case "$OUTPUT_ROOT" in /*) ;; *) OUTPUT_ROOT="$PWD/$OUTPUT_ROOT" ;; esac   # the same folder whatever main.py's cwd
 
-# main.py's own options: a --key=value among them goes to main.py.
-main_options=" $(grep -o '"--[A-Za-z0-9_-]*"' "$repo_dir/main.py" | tr -d '"' | tr '\n' ' ') "
+# main.py's own options (its parser is config.py's): a --key=value among them goes to main.py.
+main_options=" $(grep -o '"--[A-Za-z0-9_-]*"' "$repo_dir/config.py" | tr -d '"' | tr '\n' ' ') "
 # The arguments ModelZoo's test harness passes to a model's launchers, which the original's launchers ignore
 # (DenseNet201_ID0453_for_PyTorch/test/train_*.sh read only --data_path, --epochs and --device_id): so do we,
 # with a one-line note. Found in Ascend/ModelZoo-PyTorch (commit 6a2804a, 2023-12), whose 1,509

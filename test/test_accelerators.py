@@ -36,6 +36,7 @@ import device as device_lib
 import main
 import recipe
 import trainer as trainer_lib
+import launch as launch_lib
 import utils
 from device import Device, DeviceError
 
@@ -206,11 +207,11 @@ def test_init_distributed_binds_the_device_only_for_nccl(monkeypatch, dev, backe
     calls = {}
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.setdefault("new_group", kw) or "control group")
-    monkeypatch.setattr(utils, "_control_group", None)
+    monkeypatch.setattr(launch_lib, "_control_group", None)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
-    utils.init_distributed(utils.Launch(0, 0, 1, 1, "torchrun"), dev, backend, "env://", 60)
+    launch_lib.init_distributed(launch_lib.Launch(0, 0, 1, 1, "torchrun"), dev, backend, "env://", 60)
     assert calls["init"]["backend"] == backend
     if binds:
         assert calls["init"]["device_id"] == torch.device("cuda", 0)
@@ -302,7 +303,7 @@ def test_short_device_ids_through_main_is_one_line_and_exit_2(eight_gpus, monkey
     assert cli.run_tool(main.main, args) == cli.EXIT_USER_ERROR
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: --device_ids 0,1"), err
-    assert not utils.is_dist()
+    assert not launch_lib.is_dist()
 
 
 # ----------------------------------------------------------------------------
@@ -344,9 +345,9 @@ def test_meter_and_accuracy_counts_make_no_float64_on_the_device():
 
 def test_all_reduce_is_exact_host_arithmetic():
     # Old: all_reduce_sum(values, device) summed a float64 tensor on the device.
-    out = utils.all_reduce([2 ** 40 + 1, 3, 0.5])
+    out = launch_lib.all_reduce([2 ** 40 + 1, 3, 0.5])
     assert out == [2 ** 40 + 1, 3.0, 0.5] and all(type(v) is float for v in out)  # float32 would lose the +1
-    assert utils.all_reduce([1, 7], op="max") == [1.0, 7.0]
+    assert launch_lib.all_reduce([1, 7], op="max") == [1.0, 7.0]
 
 
 # ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from PIL import Image
 from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_main, write_image_folder
 
 import data
+import layout
 import decode
 
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -107,16 +108,16 @@ def test_shared_memory_check_against_a_real_tmpfs(tmp_path):
     try:
         data.check_shared_memory(2, 4, 32, folder=str(shm))  # (2 x 4 + 2) x 4 x 3 x 32 x 32 = 120 KiB: fits
         # (3 x 4 + 2) x 96 KiB = 1.3 MiB does not; 1 MiB holds 10 such batches: the trainer's 2 and 4 per worker.
-        with pytest.raises(data.DataError, match=r"1\.0 MiB free but the data loaders need about 1\.3 MiB .*"
+        with pytest.raises(layout.DataError, match=r"1\.0 MiB free but the data loaders need about 1\.3 MiB .*"
                                                  r"--workers 2 fits"):
             data.check_shared_memory(3, 32, 32, folder=str(shm))
-        with pytest.raises(data.DataError, match=r"\(2 workers x 4 \+ 2\) batches x 16 images x 3x64x64 .*"
+        with pytest.raises(layout.DataError, match=r"\(2 workers x 4 \+ 2\) batches x 16 images x 3x64x64 .*"
                                                  r"--workers 0 fits"):
             data.check_shared_memory(2, 16, 64, folder=str(shm))
         # What others already hold counts: fill most of it, and what fitted no longer does.
         with open(shm / "other", "wb") as f:
             f.write(bytes(1000 * 1024))
-        with pytest.raises(data.DataError, match="--workers 0 fits"):
+        with pytest.raises(layout.DataError, match="--workers 0 fits"):
             data.check_shared_memory(2, 4, 32, folder=str(shm))
     finally:
         subprocess.run(["umount", str(shm)], check=True)

@@ -21,8 +21,11 @@ import pytest
 import torch
 
 import checkpoint
+
+import weights as weights_lib
 import densenet
 import main
+import rundir
 from cli import UserError
 from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_env, free_port, run_main,
                       write_image_folder)
@@ -172,12 +175,12 @@ def test_default_output_dir_is_decided_and_created_by_rank_0_only(tmp_path, rank
 
 def test_other_ranks_resolve_without_creating_anything(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path, where = checkpoint.resolve_output_dir(None, "densenet201", resume_auto=False, is_rank0=False)
+    path, where = rundir.resolve_output_dir(None, "densenet201", resume_auto=False, is_rank0=False)
     assert path == os.path.join("output", "train") and where is None and os.listdir(tmp_path) == []
-    path, where = checkpoint.resolve_output_dir(None, "densenet201", resume_auto=False, is_rank0=True)
+    path, where = rundir.resolve_output_dir(None, "densenet201", resume_auto=False, is_rank0=True)
     assert re.fullmatch(rf"output/train/{STAMP}-densenet201", path) and os.listdir(tmp_path) == []
     os.makedirs(path)
-    second, _ = checkpoint.resolve_output_dir(None, "densenet201", resume_auto=False, is_rank0=True)
+    second, _ = rundir.resolve_output_dir(None, "densenet201", resume_auto=False, is_rank0=True)
     assert second != path and not os.path.exists(second)  # <same second>-1, or a later second
     assert re.fullmatch(rf"output/train/{STAMP}-densenet201(-1)?", second)
 
@@ -251,8 +254,8 @@ def test_checkpoint_files_follow_the_umask(tmp_path):
             checkpoint.save_checkpoints(tiny_state(0), str(out), epoch=0, is_best=True, keep=1)
             for name in ("checkpoint.pth", "model_0.pth", "model_best.pth"):
                 assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o666 & ~mask, (name, oct(mask))
-            checkpoint.append_metrics(str(out), {"epoch": 0})
-            checkpoint.write_run_description(str(out), {"epoch": 0})
+            rundir.append_metrics(str(out), {"epoch": 0})
+            rundir.write_run_description(str(out), {"epoch": 0})
             for name in ("metrics.jsonl", "run.json"):
                 assert stat.S_IMODE(os.stat(out / name).st_mode) == 0o666 & ~mask, (name, oct(mask))
         finally:
@@ -296,10 +299,10 @@ def test_validate_args_takes_the_lock_and_the_run_keeps_it(data, tmp_path):
     try:
         assert subprocess.run(probe, capture_output=True).returncode != 0  # held from validate_args on
         lock = main.claim_output_dir(args, resuming=False)
-        assert lock is checkpoint.lock_output_dir(str(out))  # the same lock: not a second one that refuses
+        assert lock is rundir.lock_output_dir(str(out))  # the same lock: not a second one that refuses
         assert subprocess.run(probe, capture_output=True).returncode != 0
     finally:
-        checkpoint.lock_output_dir(str(out)).release()
+        rundir.lock_output_dir(str(out)).release()
     assert subprocess.run(probe, capture_output=True).returncode == 0
 
 
@@ -357,13 +360,13 @@ def test_metrics_write_failing_is_one_line_and_the_epoch_is_saved(data, tmp_path
 
 def test_metrics_and_run_json_on_a_full_disk_leave_whole_files(tmp_path):
     with tmpfs(tmp_path / "disk") as disk:
-        checkpoint.append_metrics(disk, {"epoch": 0, "note": "x" * 100})
-        checkpoint.write_run_description(disk, {"model": "densenet201"})
+        rundir.append_metrics(disk, {"epoch": 0, "note": "x" * 100})
+        rundir.write_run_description(disk, {"model": "densenet201"})
         fill(disk)
         with pytest.raises(UserError, match="No space left on device"):
-            checkpoint.append_metrics(disk, {"epoch": 1, "note": "y" * 5000})
+            rundir.append_metrics(disk, {"epoch": 1, "note": "y" * 5000})
         with pytest.raises(UserError, match="run.json: No space left on device"):
-            checkpoint.write_run_description(disk, {"model": "densenet121", "pad": "z" * 5000})
+            rundir.write_run_description(disk, {"model": "densenet121", "pad": "z" * 5000})
         with pytest.raises(UserError, match="checkpoint"):
             checkpoint.save_checkpoints(tiny_state(1), disk, epoch=1, is_best=True)
         lines = open(os.path.join(disk, "metrics.jsonl")).read().splitlines()
@@ -417,10 +420,10 @@ def test_random_bytes_and_a_directory_as_resume(data, tmp_path):
     junk = tmp_path / "junk.pth"
     junk.write_bytes(bytes(range(7, 256)) * 40)  # not a zip, not a pickle
     with pytest.raises(UserError, match="not a PyTorch checkpoint") as e:
-        checkpoint.load_safe(str(junk))
+        weights_lib.load_safe(str(junk))
     assert "could run code" not in str(e.value)
     with pytest.raises(UserError, match="is a directory"):
-        checkpoint.load_safe(str(tmp_path))
+        weights_lib.load_safe(str(tmp_path))
 
     proc = train(data, "--epochs", 1, "--resume", junk, "--output-dir", tmp_path / "a")
     assert_one_line_error(proc, f"{junk}: not a PyTorch checkpoint")

@@ -36,12 +36,14 @@ from PIL import Image
 from conftest import LAUNCH_VARS, REPO, assert_ok, clean_env, free_port, run_main, run_script, write_image_folder
 
 import checkpoint  # noqa: E402  (conftest put the repo on sys.path)
+
+import weights  # noqa: E402  (conftest put the repo on sys.path)
 import device as device_lib  # noqa: E402
 import export_onnx  # noqa: E402
 import main as main_lib  # noqa: E402
 import predict  # noqa: E402
 import trainer as trainer_lib  # noqa: E402
-import utils  # noqa: E402
+import launch as launch_lib  # noqa: E402
 from cli import UserError  # noqa: E402
 
 # The brief's small flags (as the launchers' users would pass them after the launcher's own).
@@ -590,7 +592,7 @@ def test_torchvision_reference_checkpoint_loads(dataset, tmp_path):
     assert "momentum buffers of" in text and f"Resumed from {path}: weights after epoch 0; continuing at epoch 1" \
         in text, text
     # and the weights-only tools read it too
-    built, _, name = checkpoint.build_model_from_weights(path)
+    built, _, name = weights.build_model_from_weights(path)
     assert name == "densenet121" and built.classifier.out_features == CLASSES
 
 
@@ -609,7 +611,7 @@ def test_hostile_pickle_with_namespace_is_refused(dataset, tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "refused to load" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     with pytest.raises(UserError, match="refused to load"):
-        checkpoint.load_safe(path)
+        weights.load_safe(path)
     assert not marker.exists()
 
 
@@ -659,14 +661,14 @@ def test_rank_id_meaning_and_distributed_flag(monkeypatch):
     monkeypatch.setenv("RANK_SIZE", "4")
     # --dist_rank = this node's index, --world-size = the number of nodes (the original multiplies by RANK_SIZE)
     args = main_lib.get_args_parser().parse_args(["--distributed", "--dist_rank", "1", "--world-size", "2"])
-    launch = utils.launcher_env(args.distributed, args.dist_rank, args.world_size)
+    launch = launch_lib.launcher_env(args.distributed, args.dist_rank, args.world_size)
     assert (launch.rank, launch.world_size, launch.local_rank, launch.local_world_size, launch.style) == \
         (5, 8, 1, 4, "rank_id")
-    assert utils.launcher_env(True, node_rank=1, nodes=2) == launch
+    assert launch_lib.launcher_env(True, node_rank=1, nodes=2) == launch
     # RANK_SIZE=8 in the environment without --distributed: one process
     monkeypatch.setenv("RANK_ID", "0")
     monkeypatch.setenv("RANK_SIZE", "8")
-    single = utils.launcher_env(False)
+    single = launch_lib.launcher_env(False)
     assert (single.rank, single.world_size, single.style) == (0, 1, "single")
 
 

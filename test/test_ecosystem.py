@@ -21,7 +21,8 @@ from PIL import Image
 
 from conftest import REPO, SMALL_RUN, assert_one_line_error, run_main, write_image_folder
 
-import checkpoint  # noqa: E402
+
+import weights  # noqa: E402
 import densenet  # noqa: E402
 import export_onnx  # noqa: E402
 import main  # noqa: E402
@@ -102,7 +103,7 @@ def new_images(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------
-# (a) pretrained weights through checkpoint.load_pretrained
+# (a) pretrained weights through weights.load_pretrained
 # ----------------------------------------------------------------------------
 
 def pretrained_args(path, *extra):
@@ -112,7 +113,7 @@ def pretrained_args(path, *extra):
 
 def load_pretrained(model, args):
     """What main.py does with --pretrained (trainer.build_trainer): the weights named by the parsed flags."""
-    checkpoint.load_pretrained(model, args.model, args.pretrained_weight_path)
+    weights.load_pretrained(model, args.model, args.pretrained_weight_path)
 
 
 @pytest.mark.parametrize("spelling", ["raw", "legacy", "module"])

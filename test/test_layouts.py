@@ -15,6 +15,7 @@ import torchvision
 from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_main, write_image_folder
 
 import data
+import layout as layout_lib
 
 WNIDS = ["n01440764", "n01443537", "n01484850"]
 ENV = {"OMP_NUM_THREADS": "1"}
@@ -92,19 +93,19 @@ def layouts(tmp_path_factory):
 # Issue 19 item 3: the Kaggle download and flat val/ folders --------------------------------------------------
 
 def test_every_layout_lists_the_same_images_labels_and_classes(layouts):
-    reference = data.find_layout(layouts["folders"])
+    reference = layout_lib.find_layout(layouts["folders"])
     assert reference.kind == "class folders" and reference.classes == WNIDS
     truth = labelled_contents(reference)
     assert len(truth) == 12
     for name in ("kaggle", "kaggle_ordered", "flat"):
-        layout = data.find_layout(layouts[name])
+        layout = layout_lib.find_layout(layouts[name])
         assert layout.classes == WNIDS, name
-        assert data.check_dataset_layout(layouts[name]) == WNIDS
+        assert layout_lib.check_dataset_layout(layouts[name]) == WNIDS
         assert labelled_contents(layout) == truth, name  # each file its own class, not only the right counts
         assert os.path.samefile(layout.train_root, os.path.join(layouts[name], *(
             ["ILSVRC", "Data", "CLS-LOC"] if name.startswith("kaggle") else []), "train"))
-    assert "Kaggle" in data.find_layout(layouts["kaggle"]).kind
-    assert "file name" in data.find_layout(layouts["flat"]).kind
+    assert "Kaggle" in layout_lib.find_layout(layouts["kaggle"]).kind
+    assert "file name" in layout_lib.find_layout(layouts["flat"]).kind
 
 
 def test_kaggle_layout_gives_the_same_test_only_results_as_class_folders(layouts, tmp_path):
@@ -140,9 +141,9 @@ def test_kaggle_label_problems_are_one_line_naming_the_file(layouts, tmp_path):
     assert proc.returncode == 2
     # A label that is not a training class
     write_csv(csv_path, [[r[0], "n99999999 1 1 2 2"] if r[0] == "ILSVRC2012_val_00000007" else r for r in rows])
-    with pytest.raises(data.DataError, match=r"ILSVRC2012_val_00000007\.JPEG: labelled n99999999 \("
+    with pytest.raises(layout_lib.DataError, match=r"ILSVRC2012_val_00000007\.JPEG: labelled n99999999 \("
                                              r".*LOC_val_solution\.csv line \d+\), which is not a class"):
-        data.check_dataset_layout(root)
+        layout_lib.check_dataset_layout(root)
 
 
 @pytest.mark.parametrize("header, rows, expected", [
@@ -156,8 +157,8 @@ def test_kaggle_label_problems_are_one_line_naming_the_file(layouts, tmp_path):
 def test_malformed_val_solution_csv_is_one_line(layouts, tmp_path, header, rows, expected):
     root = as_kaggle(layouts["folders"], tmp_path / "k")
     write_csv(os.path.join(root, "LOC_val_solution.csv"), rows, header=header)
-    with pytest.raises(data.DataError, match=expected) as e:
-        data.check_dataset_layout(root)
+    with pytest.raises(layout_lib.DataError, match=expected) as e:
+        layout_lib.check_dataset_layout(root)
     assert "\n" not in str(e.value)
 
 
@@ -165,9 +166,9 @@ def test_flat_val_name_without_a_class_is_one_line(layouts, tmp_path):
     root = as_flat_val(layouts["folders"], tmp_path / "f")
     os.rename(os.path.join(root, "val", f"ILSVRC2012_val_00000003_{WNIDS[0]}.JPEG"),
               os.path.join(root, "val", "ILSVRC2012_val_00000003_n0999.JPEG"))
-    with pytest.raises(data.DataError, match=r"ILSVRC2012_val_00000003_n0999\.JPEG: .*ends in '_n0999', which is "
+    with pytest.raises(layout_lib.DataError, match=r"ILSVRC2012_val_00000003_n0999\.JPEG: .*ends in '_n0999', which is "
                                              r"not a class folder of train/ \(3 classes\)"):
-        data.check_dataset_layout(root)
+        layout_lib.check_dataset_layout(root)
 
 
 def test_class_names_with_underscores_in_flat_val(tmp_path):
@@ -178,7 +179,7 @@ def test_class_names_with_underscores_in_flat_val(tmp_path):
     for c in ("class_0", "class_1"):
         shutil.move(os.path.join(root, "val", c, "img_0.JPEG"), os.path.join(root, "val", f"img_0_{c}.JPEG"))
         os.rmdir(os.path.join(root, "val", c))
-    layout = data.find_layout(root)
+    layout = layout_lib.find_layout(root)
     assert layout.classes == ["1", "class_0", "class_1"]
     assert sorted((os.path.basename(p), layout.classes[i]) for p, i in layout.val_samples) == \
         [("img_0_class_0.JPEG", "class_0"), ("img_0_class_1.JPEG", "class_1")]
@@ -222,7 +223,7 @@ def test_scan_order_is_image_folders(tmp_path):
     shutil.copy(os.path.join(train, "class_1", "img_1.JPEG"), os.path.join(train, "class_0", "a", "A.JPG"))
     open(os.path.join(train, "class_0", "._img_0.JPEG"), "w").close()
     ours = data.ImageFolderDataset(train, transform=None)
-    theirs = torchvision.datasets.ImageFolder(train, is_valid_file=data.is_image_file)
+    theirs = torchvision.datasets.ImageFolder(train, is_valid_file=layout_lib.is_image_file)
     assert ours.samples == theirs.samples and ours.classes == theirs.classes
     assert not ours.scan.repeated and not ours.scan.unreadable
 

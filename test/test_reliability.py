@@ -24,6 +24,8 @@ from PIL import Image
 from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_main, write_image_folder
 
 import checkpoint
+
+import weights
 import cli
 import data as data_lib
 
@@ -344,7 +346,7 @@ def write_evil(tmp_path):
 
 def test_hostile_checkpoint_is_refused_in_process(tmp_path):
     evil, marker = write_evil(tmp_path)
-    for load_fn in (checkpoint.load_safe, checkpoint.read_weights, checkpoint.build_model_from_weights):
+    for load_fn in (weights.load_safe, weights.read_weights, weights.build_model_from_weights):
         with pytest.raises(cli.UserError, match="refused to load"):
             load_fn(str(evil))
     shutil.copy(evil, tmp_path / "checkpoint.pth")
@@ -422,11 +424,11 @@ def test_describe_mismatch_in_process():
     import densenet
     small = lambda n: densenet.DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=n)
     sd = small(3).state_dict()
-    msg = checkpoint.describe_mismatch(small(5), sd)
+    msg = weights.describe_mismatch(small(5), sd)
     f = small(5).classifier.in_features
     assert f"classifier.weight: (3, {f}) vs model (5, {f})" in msg and "classifier.bias: (3,) vs model (5,)" in msg
     assert "\n" not in msg
-    assert checkpoint.describe_mismatch(small(3), sd) is None
+    assert weights.describe_mismatch(small(3), sd) is None
 
 
 # ----------------------------------------------------------------------------

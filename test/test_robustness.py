@@ -62,8 +62,8 @@ def file_hashes(folder):
 
 
 def load_checkpoint(path):
-    import checkpoint
-    return checkpoint.load_safe(str(path))
+    import weights
+    return weights.load_safe(str(path))
 
 
 class LiveRun:

@@ -24,7 +24,7 @@ from conftest import (LAUNCH_VARS, REPO, SMALL_RUN, assert_ok, assert_one_line_e
                       run_main, write_image_folder)
 
 import main as main_lib  # noqa: E402  (conftest put the repo on sys.path)
-import utils  # noqa: E402
+import launch as launch_lib  # noqa: E402
 from cli import UserError  # noqa: E402
 
 FAKE_SLURM = os.path.join(REPO, "test", "fake_slurm")
@@ -48,19 +48,19 @@ SLURM_VARS_PREFIX = ("SLURM_", "SLURMD_")
     ("a1 b[2-3]", ["a1", "b2", "b3"]),                                       # white space separates too
 ])
 def test_slurm_node_lists_expand_as_slurm_documents(text, hosts):
-    assert utils.expand_hostlist(text) == hosts
+    assert launch_lib.expand_hostlist(text) == hosts
 
 
 @pytest.mark.parametrize("text", ["gpu[01-", "gpu01]", "gpu[a-b]", "gpu[4-2]", "", "a[[1]]"])
 def test_unreadable_node_list_is_a_user_error(text):
     with pytest.raises(UserError, match="cannot read the Slurm node list.*set MASTER_ADDR"):
-        utils.expand_hostlist(text)
+        launch_lib.expand_hostlist(text)
 
 
 def test_tasks_per_node():
-    assert utils.tasks_per_node("8(x2),4") == [8, 8, 4]
-    assert utils.tasks_per_node("3") == [3]
-    assert utils.tasks_per_node("odd") == []
+    assert launch_lib.tasks_per_node("8(x2),4") == [8, 8, 4]
+    assert launch_lib.tasks_per_node("3") == [3]
+    assert launch_lib.tasks_per_node("odd") == []
 
 
 # ----------------------------------------------------------------------------
@@ -78,17 +78,17 @@ def srun_task(rank, ntasks, local, node, per_node, job_id="123456", nodes="gpu[0
 
 
 def test_an_srun_task_is_a_slurm_launch():
-    launch = utils.launcher_env(env=srun_task(rank=11, ntasks=16, local=3, node=1, per_node="8(x2)"))
-    assert launch == utils.Launch(11, 3, 16, 8, "slurm", "gpu07", str(slurm_port(123456)))
+    launch = launch_lib.launcher_env(env=srun_task(rank=11, ntasks=16, local=3, node=1, per_node="8(x2)"))
+    assert launch == launch_lib.Launch(11, 3, 16, 8, "slurm", "gpu07", str(slurm_port(123456)))
     assert launch.master_port == "13456"
     # Uneven nodes: the local world size is this node's count.
-    launch = utils.launcher_env(env=srun_task(rank=9, ntasks=10, local=1, node=1, per_node="8,2"))
+    launch = launch_lib.launcher_env(env=srun_task(rank=9, ntasks=10, local=1, node=1, per_node="8,2"))
     assert (launch.local_world_size, launch.world_size) == (2, 10)
     # MASTER_ADDR/MASTER_PORT, when set, win over what the job implies.
-    launch = utils.launcher_env(env=srun_task(0, 2, 0, 0, "1(x2)", MASTER_ADDR="10.1.2.3", MASTER_PORT="29555"))
+    launch = launch_lib.launcher_env(env=srun_task(0, 2, 0, 0, "1(x2)", MASTER_ADDR="10.1.2.3", MASTER_PORT="29555"))
     assert (launch.master_addr, launch.master_port) == ("10.1.2.3", "29555")
     # The step's first node hosts task 0, even when the job's list starts elsewhere.
-    launch = utils.launcher_env(env=srun_task(0, 2, 0, 0, "2", SLURM_STEP_NODELIST="gpu[08]"))
+    launch = launch_lib.launcher_env(env=srun_task(0, 2, 0, 0, "2", SLURM_STEP_NODELIST="gpu[08]"))
     assert launch.master_addr == "gpu08"
 
 
@@ -96,22 +96,22 @@ def test_the_allocation_alone_is_one_process():
     # An salloc shell: the allocation's variables, no step.
     salloc = {"SLURM_JOB_ID": "77", "SLURM_NTASKS": "8", "SLURM_NPROCS": "8", "SLURM_JOB_NODELIST": "gpu[01-02]",
               "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "4(x2)"}
-    assert utils.launcher_env(env=salloc).style == "single"
-    assert utils.launcher_env(distributed_flag=True, env=salloc).style == "single"  # setup(): needs a launcher
+    assert launch_lib.launcher_env(env=salloc).style == "single"
+    assert launch_lib.launcher_env(distributed_flag=True, env=salloc).style == "single"  # setup(): needs a launcher
     # An sbatch script: the batch step even has SLURM_PROCID=0 and SLURM_LOCALID=0, but srun has started nothing.
     batch = {**salloc, "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_GTIDS": "0"}
-    assert utils.launcher_env(env=batch) == utils.Launch(0, 0, 1, 1, "single")
+    assert launch_lib.launcher_env(env=batch) == launch_lib.Launch(0, 0, 1, 1, "single")
 
 
 def test_torchrun_and_rank_id_keep_priority_inside_srun():
     task = srun_task(rank=1, ntasks=2, local=0, node=1, per_node="1(x2)")
     torchrun = {**task, "RANK": "5", "LOCAL_RANK": "5", "WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8",
                 "MASTER_ADDR": "gpu07", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "x"}
-    assert utils.launcher_env(env=torchrun) == utils.Launch(5, 5, 16, 8, "torchrun", "gpu07", "29500")
+    assert launch_lib.launcher_env(env=torchrun) == launch_lib.Launch(5, 5, 16, 8, "torchrun", "gpu07", "29500")
     rank_id = {**task, "RANK_ID": "3", "RANK_SIZE": "4"}
-    launch = utils.launcher_env(True, node_rank=1, nodes=2, env=rank_id)
+    launch = launch_lib.launcher_env(True, node_rank=1, nodes=2, env=rank_id)
     assert (launch.rank, launch.world_size, launch.style) == (7, 8, "rank_id")
-    assert (launch.master_addr, launch.master_port) == (utils.ORIGINAL_MASTER_ADDR, utils.ORIGINAL_MASTER_PORT)
+    assert (launch.master_addr, launch.master_port) == (launch_lib.ORIGINAL_MASTER_ADDR, launch_lib.ORIGINAL_MASTER_PORT)
 
 
 # ----------------------------------------------------------------------------
