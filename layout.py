@@ -24,12 +24,55 @@ def _is_hidden(name):
 
 
 def list_classes(folder):
-    """The sorted class folders of `folder`, or DataError if it cannot be read."""
+    """The sorted class folders of `folder`; DataError if it cannot be read, or if two class folders are one
+    folder (see class_folder_identities)."""
     try:
         with os.scandir(folder) as entries:
-            return sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
+            classes = sorted(e.name for e in entries if e.is_dir() and not _is_hidden(e.name))
     except OSError as e:
         raise DataError(f"{folder}: cannot read the folder ({e.strerror or e})") from None
+    class_folder_identities(folder, classes)
+    return classes
+
+
+def _identity(path):
+    """(st_dev, st_ino) of what `path` resolves to, or None if it cannot be reached."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def class_folder_identities(root, classes):
+    """The identity of each class folder root/<class> (None: cannot be reached, which the scan reports), or
+    DataError naming two class folders that are one folder: a class folder that is a link to another
+    (train/c2 -> c1), or two links to the same folder. Each class folder is scanned, so its images would be
+    trained and evaluated under both labels, which no model can tell apart; there is no safe way to go on
+    (dropping one class would shift every label after it, keeping it empty would make a class that is never
+    learned), so the user must fix the data set. A class folder that links to a folder outside the data set
+    (a common way to assemble one) is one folder, and fine."""
+    identities, first_path, pairs = [], {}, []
+    for name in classes:
+        path = os.path.join(root, name)
+        identity = _identity(path)
+        identities.append(identity)
+        if identity is None:
+            continue
+        if identity in first_path:
+            pairs.append((first_path[identity], path))
+        else:
+            first_path[identity] = path
+    if pairs:
+        first, second = pairs[0]
+        links = [p for p in (first, second) if os.path.islink(p)]
+        how = f"{links[0]} is a link to {os.path.realpath(links[0])}" if len(links) == 1 else \
+            f"both lead to {os.path.realpath(second)}"
+        more = f" (and {len(pairs) - 1} more such pair(s))" if len(pairs) > 1 else ""
+        raise DataError(f"class folders {first} and {second} are one folder ({how}){more}: the same images would "
+                        f"be trained and evaluated under two labels; remove the link, or give each class a folder "
+                        f"of its own")
+    return identities
 
 
 def is_image_file(path):
@@ -44,12 +87,13 @@ class Scan(NamedTuple):
     unreadable: list   # [(folder, why)] folders that could not be listed
 
 
-def scan_images(folder, avoid=frozenset()):
+def scan_images(folder, avoid=frozenset(), seen_files=None):
     """Every image file under `folder`, following links as torchvision's ImageFolder does, but each real file
     and each real folder once: a link back up the tree (a symlink loop) made os.walk list the same files
     again at every depth until the path grew too long. Identity is (st_dev, st_ino) of what a path resolves
     to; the first path in walk order is kept. `avoid`: identities of folders never to enter (the other class
     folders and the split's root, so a link cannot pull another class's images in under this label).
+    `seen_files`: identities of files already listed (by earlier classes), skipped here and added to.
     Unlike os.walk, a folder that cannot be read is reported."""
     seen_folders, listed, unreadable, repeated = set(avoid), [], [], []
     pending = [folder]
@@ -74,7 +118,7 @@ def scan_images(folder, avoid=frozenset()):
                 files.append((entry.path, _file_identity(entry, st.st_dev)))
         listed.append((path, files))
         pending.extend(reversed(subfolders))  # depth first, in name order: the first path to a folder wins
-    seen_files, paths = set(), []
+    seen_files, paths = set() if seen_files is None else seen_files, []
     for _, files in sorted(listed, key=lambda item: item[0]):  # ImageFolder's order
         for path, identity in files:
             if identity is not None and identity in seen_files:
@@ -86,18 +130,14 @@ def scan_images(folder, avoid=frozenset()):
 
 
 def scan_classes(root, classes):
-    """root/<class>/** -> ([(path, class index)], Scan of the whole split), in ImageFolder's order."""
-    def identity(path):
-        try:
-            st = os.stat(path)
-            return st.st_dev, st.st_ino
-        except OSError:
-            return None
-    class_folders = [os.path.join(root, name) for name in classes]
-    avoid = {identity(root), *map(identity, class_folders)} - {None}
-    samples, repeated, unreadable = [], [], []
-    for index, folder in enumerate(class_folders):
-        scan = scan_images(folder, avoid)
+    """root/<class>/** -> ([(path, class index)], Scan of the whole split), in ImageFolder's order. Each real
+    file once in the whole split: a file linked into a second class (c2/x.jpg -> ../c1/a.jpg) stays in the
+    first and is reported as repeated, as a second name for a file within one class is; two class folders
+    that are one folder are a DataError (class_folder_identities)."""
+    avoid = {_identity(root), *class_folder_identities(root, classes)} - {None}
+    samples, repeated, unreadable, seen_files = [], [], [], set()
+    for index, name in enumerate(classes):
+        scan = scan_images(os.path.join(root, name), avoid, seen_files)
         samples += [(path, index) for path in scan.paths]
         repeated += scan.repeated
         unreadable += scan.unreadable
