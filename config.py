@@ -243,6 +243,6 @@ def resolve_preprocessing(args, recorded=None):
         value = (recorded or {}).get(name)
         if value is not None and (name != "interpolation" or value in INTERPOLATIONS):
             taken[name] = value
-        setattr(args, name, default if value is None else value)
+        setattr(args, name, taken.get(name, default))
     check_image_sizes(args)
     return taken

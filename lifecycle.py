@@ -137,7 +137,7 @@ class _Terminal:
             for other in (*(f for f in _saved_fds.values() if f != fd), _log["fd"]):
                 if other is not None and other not in self.dead:
                     with contextlib.suppress(OSError):
-                        _write_all(other, warning.encode())
+                        _write_all(other, warning.encode(ENCODING, "backslashreplace"))
 
     def drain(self, timeout):
         """Wait (at most `timeout` s) until everything queued is written."""
@@ -202,7 +202,7 @@ def log_failed(error):
         os.dup2(_saved_fds[1], 1)  # native output goes back to the terminal too
         os.dup2(_saved_fds[2], 2)
     _terminal.put(_saved_fds.get(2, 2), f"warning: --log-file {path}: cannot write ({error.strerror}); the log "
-                                        f"stops here\n".encode())
+                                        f"stops here\n".encode(ENCODING, "backslashreplace"))
 
 
 def guard_streams():

@@ -241,7 +241,8 @@ def ranks_must_agree(args, run, amp, data, num_classes):
     images = None if args.synthetic else (len(data.train_loader.dataset), len(data.val_loader.dataset))
     return {"the world size": run.world_size, "--model": args.model, "--batch-size": args.batch_size,
             "the number of classes": num_classes,
-            "the class names (digest)": hashlib.sha256("\n".join(data.classes).encode()).hexdigest()[:12],
+            "the class names (digest)": hashlib.sha256("\n".join(data.classes).encode("utf-8", "surrogateescape"))
+            .hexdigest()[:12],
             "the train/val image counts": images, "--epochs": args.epochs, "--max-steps": args.max_steps,
             "--seed": args.seed, "--lr": args.lr, "--lr-scheduler": args.lr_scheduler,
             "--ra-sampler": (args.ra_sampler, args.ra_reps), "--model-ema": args.model_ema,

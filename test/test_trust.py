@@ -7,104 +7,19 @@ real signals sent at the moment named (during evaluation, while the loader is bl
 worker killed with SIGKILL as the OOM killer does, a rank killed mid-epoch. Each wait has a time limit, so a
 regression fails instead of hanging the suite.
 """
-import json
 import os
-import queue
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, assert_ok, clean_env, free_port, run_main, \
-    write_image_folder
+from conftest import REPO, SMALL_RUN, Proc, assert_ok, clean_env, load, metrics, one_error_line, run_main, \
+    start_ranks, write_image_folder
 
 COMMON = ["--model", "densenet121", *SMALL_RUN, "--seed", "3", "--lr", "0.01"]
-
-
-class Proc:
-    """A main.py process whose output lines can be waited for while it runs."""
-
-    def __init__(self, args, env, script=None):
-        cmd = [sys.executable, script or os.path.join(REPO, "main.py"), *map(str, args)]
-        self.p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  text=True, start_new_session=True)
-        self.lines, self.out, self.err = queue.Queue(), [], []
-        threading.Thread(target=self._read, args=(self.p.stdout, self.out, True), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.p.stderr, self.err, False), daemon=True).start()
-
-    def _read(self, stream, into, forward):
-        for line in stream:
-            into.append(line)
-            if forward:
-                self.lines.put(line)
-
-    def wait_for(self, pattern, timeout=300):
-        """The first stdout line (from now on) matching `pattern`."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
-            except queue.Empty:
-                break
-            if re.search(pattern, line):
-                return line
-        self.kill()
-        raise AssertionError(f"no line matching {pattern!r}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}")
-
-    def finish(self, timeout):
-        """Exit code, waiting at most `timeout` seconds (then the process is killed and the test fails)."""
-        try:
-            code = self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(f"still running after {timeout} s\n--- stdout\n{self.stdout}\n--- stderr\n"
-                                 f"{self.stderr}")
-        time.sleep(0.2)  # let the reader threads take the last lines
-        return code
-
-    def kill(self):
-        try:
-            os.killpg(self.p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.p.wait()
-
-    @property
-    def stdout(self):
-        return "".join(self.out)
-
-    @property
-    def stderr(self):
-        return "".join(self.err)
-
-
-def start_ranks(n, args, script=None, **env):
-    """n gloo ranks on this machine, each with the variables torchrun sets (no torchrun agent: a rank that
-    dies is not followed by a SIGTERM to the others, so what the survivors do on their own is visible)."""
-    port = free_port()
-    return [Proc(args, clean_env(RANK=r, WORLD_SIZE=n, LOCAL_RANK=r, LOCAL_WORLD_SIZE=n, MASTER_ADDR="127.0.0.1",
-                                 MASTER_PORT=port, **env), script) for r in range(n)]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def metrics(folder):
-    path = os.path.join(folder, "metrics.jsonl")
-    return [json.loads(line) for line in open(path)] if os.path.exists(path) else []
-
-
-def one_error_line(stderr):
-    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    return lines[0]
 
 
 # ----------------------------------------------------------------------------
