@@ -184,8 +184,18 @@ class Feed:
         return batch
 
 
-def images_in(batch):
-    return None if batch is None else len(batch.targets)
+def smallest_batch(crop_size):
+    """The fewest images a rank can train a step on. BatchNorm needs two values per channel: one image is enough
+    unless DenseNet's last feature map is 1x1 (crops under 64 px, e.g. 32), where it needs two. (Stem conv and
+    max-pool round up, the three transitions' average pools round down.)"""
+    side = -(-(-(-crop_size // 2)) // 2) // 8
+    return 2 if side <= 1 else 1
+
+
+def agree(stop, batch, smallest):
+    """Start the agreement of the step that trains `batch` (None: this rank has no batch)."""
+    images = 0 if batch is None else len(batch.targets)
+    return stop.agreement(images, few=images < smallest)
 
 
 # ----------------------------------------------------------------------------
@@ -287,8 +297,9 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
     progress = Progress(trainer, epoch, start_step, steps, args)
     feed = Feed(loader, stop, args.data_timeout, lambda k: f"training data (epoch {epoch}, step {k + 1})")
     guard = BufferGuard(trainer.model_without_ddp) if launch.is_dist() else None
+    smallest = smallest_batch(args.train_crop_size)
     batch = feed.next(start_step)
-    agreed = stop.agreement(images_in(batch))
+    agreed = agree(stop, batch, smallest)
     progress.window.data_time += time.perf_counter() - progress.start
     step = start_step
     try:
@@ -298,7 +309,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
                 raise progress.stopped(agreement.code, step, partial)
             fetch_start = time.perf_counter()
             following = feed.next(step + 1) if step + 1 < steps else None
-            agreed = stop.agreement(images_in(following)) if step + 1 < steps else None
+            agreed = agree(stop, following, smallest) if step + 1 < steps else None
             progress.window.data_time += time.perf_counter() - fetch_start
             n = train_step(trainer, batch, agreement, progress, guard, stop, epoch + step / progress.steps, step)
             progress.counted(step, n)
@@ -313,7 +324,7 @@ def train_step(trainer, batch, agreement, progress, guard, stop, epoch_progress,
     """One step of the epoch loop on `batch` (None: this rank has none); the images it trained on."""
     if batch is not None and batch.bad:
         progress.unreadable(batch.bad, stop)
-    n = images_in(batch) or 0
+    n = 0 if batch is None else len(batch.targets)
     if agreement.skip:
         if n == 1:  # (a batch of 0 readable images has had its files named already)
             warn(f"epoch {progress.epoch} step {step + 1}: skipped a batch of 1 readable image (training needs 2)")
@@ -411,13 +422,13 @@ def evaluate(model, loader, trainer, args, stop, log_prefix="", epoch=None):
     feed = Feed(loader, stop, args.data_timeout, lambda k: f"validation data (batch {k + 1} of {steps})")
     start, n_bad = time.perf_counter(), 0
     batch = feed.next(0)
-    agreed = stop.agreement(images_in(batch))
+    agreed = agree(stop, batch, 0)
     for step in range(steps):
         agreement = agreed()
         if agreement.code is not None:
             raise Stopped(agreement.code, f"during {what}", then=" (it evaluates that epoch first)")
         following = feed.next(step + 1) if step + 1 < steps else None
-        agreed = stop.agreement(images_in(following)) if step + 1 < steps else None
+        agreed = agree(stop, following, 0) if step + 1 < steps else None
         for path, reason in batch.bad if batch is not None else ():
             warn(f"skipped unreadable validation image {path} ({reason})")
         n_bad += len(batch.bad) if batch is not None else 0

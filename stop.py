@@ -177,13 +177,12 @@ class Stop:
         self._previous = {}
 
     # -- boundaries ----------------------------------------------------------
-    def agreement(self, images):
+    def agreement(self, images, few=False):
         """Start this boundary's agreement now (a step ahead of its use, so that it runs while the step before
-        computes) and return a function that waits for it: Agreed. `images`: what this rank brings to the step
-        (None: its data ended or failed)."""
+        computes) and return a function that waits for it: Agreed. `images`: what this rank brings to the step;
+        few: too few to train on (the ranks then skip the step together)."""
         mine = self.cause.code if self.cause else None
-        return launch.sum_async([0 if images is None else int(images < 2), images or 0,
-                                 *(int(mine == code) for code in SEVERITY)], Agreed.of)
+        return launch.sum_async([int(few), images, *(int(mine == code) for code in SEVERITY)], Agreed.of)
 
     def agree_now(self, where, then=""):
         """A boundary with nothing to train or save (an epoch's end): raise Stopped if any rank asks."""
@@ -233,9 +232,9 @@ class Stop:
 
 @dataclass(frozen=True)
 class Agreed:
-    """What the ranks agreed at a boundary: skip the step (some rank has fewer than 2 images: BatchNorm cannot
-    train on one, and DDP pairs the ranks' all-reduces, so all skip together), the images all ranks bring
-    (the loss is weighted by them), and the exit code when some rank asks to stop (None: carry on)."""
+    """What the ranks agreed at a boundary: skip the step (some rank has too few images to train on, and DDP
+    pairs the ranks' all-reduces, so all skip together), the images all ranks bring (each rank's loss is
+    weighted by its share of them), and the exit code when some rank asks to stop (None: carry on)."""
     skip: bool
     images: int
     code: Optional[int]
