@@ -109,7 +109,7 @@ def after_quick_start(tmp_path_factory):
     code, out = run_bash(shlex.join(["bash", "test/demo.sh", *DEMO_FAST]), repo, env)
     assert code == 0 and "Traceback" not in out and "error:" not in out, out[-6000:]
     assert os.path.isfile(os.path.join(repo, "test", "output", "0", "model_best.pth")), out[-6000:]
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(BLOCKS)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(BLOCKS), 4)) as pool:
         futures = {i: pool.submit(run_bash, block, repo, env) for i, block in enumerate(BLOCKS)}
         results = {i: f.result() for i, f in futures.items()}
     return repo, env, results
