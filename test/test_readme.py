@@ -67,8 +67,8 @@ def copy_repository(dst):
     def ignore(folder, names):
         rel = os.path.relpath(folder, REPO)
         skipped = [n for n in names if n in skip_anywhere or n.endswith((".pth", ".onnx"))]
-        if rel in (".", "test"):
-            skipped += [n for n in names if n == "output"]
+        if rel in (".", "test"):  # run outputs (and /demo_data/, which .gitignore lists too)
+            skipped += [n for n in names if n in ("output", "demo_data")]
         return skipped
 
     shutil.copytree(REPO, dst, ignore=ignore, symlinks=True)
