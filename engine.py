@@ -426,7 +426,7 @@ def evaluate(model, loader, trainer, args, stop, log_prefix="", epoch=None):
     for step in range(steps):
         agreement = agreed()
         if agreement.code is not None:
-            raise Stopped(agreement.code, f"during {what}", then=" (it evaluates that epoch first)")
+            raise Stopped(agreement.code, f"during {what}", then=" (it evaluates that epoch first)", evaluating=True)
         following = feed.next(step + 1) if step + 1 < steps else None
         agreed = agree(stop, following, 0) if step + 1 < steps else None
         for path, reason in batch.bad if batch is not None else ():

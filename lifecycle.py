@@ -132,9 +132,10 @@ class _Terminal:
         except OSError as e:
             self.dead.add(fd)
             name = {_saved_fds.get(1, 1): "stdout", _saved_fds.get(2, 2): "stderr"}.get(fd, f"fd {fd}")
-            where = f"only to --log-file {_log['path']}" if _log["fd"] is not None else "nowhere"
-            warning = f"warning: {name} cannot be written ({e.strerror}): its output goes {where} from now on\n"
-            for other in (*(f for f in _saved_fds.values() if f != fd), _log["fd"]):
+            goes = f"goes only to --log-file {_log['path']}" if _log["fd"] is not None else "is dropped"
+            warning = f"warning: {name} cannot be written ({e.strerror}): its output {goes} from now on\n"
+            terminals = (_saved_fds.get(1, 1), _saved_fds.get(2, 2))
+            for other in (*(f for f in terminals if f != fd), _log["fd"]):
                 if other is not None and other not in self.dead:
                     with contextlib.suppress(OSError):
                         _write_all(other, warning.encode(ENCODING, "backslashreplace"))
@@ -247,7 +248,7 @@ def capture_output(path):
     _log.update(fd=1, path=path)
 
 
-def close_output(timeout=5.0):
+def close_output(timeout=2.0):
     """Before the process ends: give the terminal at most `timeout` seconds to take what is queued for it.
     The log needs nothing: every line is in the file already. Safe to call twice."""
     with contextlib.suppress(Exception):

@@ -301,9 +301,9 @@ def run(argv=None):
         traceback.print_exc()  # a bug or an unexpected failure: the full traceback, into the --log-file too
     finally:
         lifecycle.stop_children()
+        lifecycle.close_output()  # what is queued for the terminal, for a few seconds at most
         if launch.is_dist():
             if code:  # a failing rank must not leave its peers waiting in a collective: torchrun stops them
-                lifecycle.close_output(timeout=2)
                 os._exit(code)
             launch.cleanup_distributed()
         stop.restore()  # (for callers in this process: tests)

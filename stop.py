@@ -87,12 +87,13 @@ class Cause:
 class Stopped(Exception):
     """The ranks agreed to stop at a boundary. where: "at epoch 2 step 141", "during the evaluation of epoch 2",
     ...; position: (epoch, steps done) when the state at that boundary is not on disk yet (the save it owes),
-    with partial, the epoch's metric sums so far (all ranks); then: what a resumed run does first, for the
-    log."""
+    with partial, the epoch's metric sums so far (all ranks); then: what a resumed run does first (for the
+    log)."""
 
-    def __init__(self, code, where, position=None, partial=None, then=""):
+    def __init__(self, code, where, position=None, partial=None, then="", evaluating=False):
         super().__init__(where)
         self.code, self.where, self.position, self.partial, self.then = code, where, position, partial, then
+        self.evaluating = evaluating  # stopped during an evaluation: the epoch's training is what is on disk
 
 
 class Stop:
@@ -127,6 +128,9 @@ class Stop:
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
         if self.phase == "setup":
+            if self._first_signal_at is not None:
+                return  # already on its way out (a scheduler's signal and a launcher's copy of it)
+            self._first_signal_at, self._signum = time.monotonic(), signum
             raise Interrupted(signum, self.doing)
         if self._first_signal_at is not None and self.phase == "running":
             if time.monotonic() - self._first_signal_at >= DUPLICATE_WINDOW_S:
@@ -198,7 +202,8 @@ class Stop:
         with self.saving():
             if stopped.position is not None:
                 saver.save(stopped.position, stopped.partial)  # collective, ends with a barrier
-        saved = f"checkpoint saved to {saver.path}"
+        saved = f"the epoch's training is saved in {saver.path}" if stopped.evaluating else \
+            f"checkpoint saved to {saver.path}"
         signals = sorted({c.reason for c in causes if c is not None and c.code == PREEMPTED})
         if stopped.code == PREEMPTED:
             by = "/".join(signals) + ("" if self.cause is not None else f" (to {describe_causes(causes)})")

@@ -33,6 +33,7 @@ import cli
 import data as data_lib
 import densenet
 import device as device_lib
+import engine
 import main
 import recipe
 import trainer as trainer_lib
@@ -330,7 +331,7 @@ def test_meter_and_accuracy_counts_make_no_float64_on_the_device():
     g = torch.Generator().manual_seed(0)
     recorder = DtypeRecorder()
     with recorder:
-        meter = main.Meter(CPU.torch_device)
+        meter = engine.Meter(CPU.torch_device)
         for _ in range(5):  # 5 steps of 3 images, 3 classes
             output, targets = torch.randn(3, 3, generator=g), torch.randint(0, 3, (3,), generator=g)
             counts = utils.accuracy_counts(output, targets)
@@ -543,7 +544,7 @@ def test_apex_o2_checkpoint_is_fp32(apex_runs):
     assert ckpt["amp"]["backend"] == "apex" and ckpt["amp"]["apex"]["loss_scaler0"]["loss_scale"] == 1024.0
     plain = densenet.build_model("densenet121", num_classes=3)
     plain.load_state_dict(ckpt["model"], strict=True)
-    assert ckpt["next_epoch"] == 2
+    assert ckpt["position"]["epoch"] == 2
 
 
 def test_apex_o2_resume_auto_continues(apex_runs):
@@ -552,7 +553,7 @@ def test_apex_o2_resume_auto_continues(apex_runs):
     assert "Resumed from" in second.stdout and "continuing at epoch 2, step 0" in second.stdout, second.stdout
     assert "Epoch: [2]" in second.stdout and "Epoch: [1]" not in second.stdout
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert ckpt["next_epoch"] == 3 and ckpt["model_ema_updates"] == 5
+    assert ckpt["position"]["epoch"] == 3 and ckpt["model_ema_updates"] == 5
     assert {v.dtype for v in ckpt["model_ema"].values() if v.is_floating_point()} == {torch.float32}
 
 

@@ -349,7 +349,7 @@ def test_fp16_static_scale_saved_and_resumed_end_to_end(tmp_path):
         second.stdout, second.stdout
     assert "Epoch: [1]" in second.stdout and "Epoch: [0]" not in second.stdout, second.stdout
     ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert ckpt["next_epoch"] == 2 and ckpt["amp"]["scaler"]["scale"] == 512
+    assert ckpt["position"]["epoch"] == 2 and ckpt["amp"]["scaler"]["scale"] == 512
 
 
 # ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@
     the EMA of an unchanging model (--lr 0) is the model, on every rank and in the checkpoint;
   * during the learning-rate warm-up the EMA is the model (torchvision's reset).
 
-Each rank's evaluated state is dumped by a wrapper around main.evaluate_all (main.py itself saves only rank 0's).
+Each rank's evaluated state is dumped by a wrapper around engine.evaluate_all (main.py itself saves only rank 0's).
 Tolerance: the 2- or 3-rank run and the one process sum the same per-image losses in a different order and
 batch composition (all-reduce of per-rank sums vs one process), so losses agree to float32 summation error:
 rel 1e-6 (observed: 3e-8); Acc@1 and image counts are exact.
@@ -22,17 +22,17 @@ import torch
 
 from conftest import REPO, SMALL_RUN, assert_ok, clean_env, free_port, run_main, write_image_folder
 
-# Dumps, per rank and per call of main.evaluate_all, the state each rank evaluates and what it reported.
+# Dumps, per rank and per call of engine.evaluate_all, the state each rank evaluates and what it reported.
 EVAL_DUMP_WRAPPER = """
 import os, sys
 sys.path.insert(0, {repo!r})
 import torch
-import main
+import engine, main
 
 def cpu_state(module):
     return {{k: v.detach().cpu().clone() for k, v in module.state_dict().items()}}
 
-_evaluate_all, calls = main.evaluate_all, []
+_evaluate_all, calls = engine.evaluate_all, []
 def evaluate_all(trainer, *args, **kwargs):
     state = {{"model": cpu_state(trainer.model_without_ddp),
              "ema": None if trainer.ema is None else cpu_state(trainer.ema.module)}}
@@ -41,7 +41,7 @@ def evaluate_all(trainer, *args, **kwargs):
     name = "rank%s_call%d.pth" % (os.environ.get("RANK", "0"), len(calls))
     torch.save(state, os.path.join(os.environ["EVAL_DUMP_DIR"], name))
     return state["stats"]
-main.evaluate_all = evaluate_all
+engine.evaluate_all = evaluate_all
 sys.exit(main.run(sys.argv[1:]))
 """
 
@@ -80,7 +80,7 @@ def train(tmp_path, data, nproc, *extra):
     evaluated = {}
     for rank in range(nproc):
         files = sorted(glob.glob(str(dumps / f"rank{rank}_call*.pth")))
-        assert len(files) == 1, f"rank {rank}: {files} (one call of main.evaluate_all expected: epoch 0's)"
+        assert len(files) == 1, f"rank {rank}: {files} (one call of engine.evaluate_all expected: epoch 0's)"
         evaluated[rank] = torch.load(files[0], weights_only=False)
     return out, evaluated
 

@@ -318,7 +318,7 @@ def test_train_outputs(trained):
 
     ckpt = torch.load(out / "checkpoint.pth", map_location="cpu", weights_only=True)
     # The original's keys that mean something here ('lr_scheduler' does not: the LR is computed from the epoch).
-    assert {"model", "optimizer", "epoch", "args", "classes", "next_epoch", "next_step"} <= set(ckpt)
+    assert {"model", "optimizer", "epoch", "args", "classes", "position"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["classes"] == CLASSES
     assert type(ckpt["args"]) is dict and ckpt["args"]["model"] == "densenet121" and ckpt["args"]["epochs"] == 2
     model = densenet.build_model("densenet121", num_classes=3)

@@ -24,6 +24,7 @@ import checkpoint
 
 import weights as weights_lib
 import densenet
+import launch as launch_lib
 import main
 import rundir
 from cli import UserError
@@ -290,15 +291,15 @@ def test_busy_output_dir_is_refused_before_the_dataset_scan(data, tmp_path):
     assert "Data:" not in proc.stdout and "Model:" not in proc.stdout, proc.stdout  # old: after both
 
 
-def test_validate_args_takes_the_lock_and_the_run_keeps_it(data, tmp_path):
+def test_preflight_takes_the_lock_and_the_run_keeps_it(data, tmp_path):
     out = tmp_path / "out"
     args = main.get_args_parser().parse_args([*TRAIN, "--data-path", data, "--output-dir", str(out)])
     probe = [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); "
              "fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".lock")]
-    main.validate_args(args)
+    main.preflight(args, launch_lib.job_of(args))
     try:
-        assert subprocess.run(probe, capture_output=True).returncode != 0  # held from validate_args on
-        lock = main.claim_output_dir(args, resuming=False)
+        assert subprocess.run(probe, capture_output=True).returncode != 0  # held from the preflight on
+        lock = rundir.claim(args.output_dir, args.resume, args.overwrite, resuming=False)
         assert lock is rundir.lock_output_dir(str(out))  # the same lock: not a second one that refuses
         assert subprocess.run(probe, capture_output=True).returncode != 0
     finally:
@@ -355,7 +356,7 @@ def test_metrics_write_failing_is_one_line_and_the_epoch_is_saved(data, tmp_path
     assert proc.returncode == 2
     assert "Train [1] done" in proc.stdout
     ckpt = load(out / "checkpoint.pth")
-    assert ckpt["next_epoch"] == 2  # epoch 1's training is on disk (its evaluation pending)
+    assert ckpt["position"]["epoch"] == 2  # epoch 1's training is on disk (its evaluation pending)
 
 
 def test_metrics_and_run_json_on_a_full_disk_leave_whole_files(tmp_path):

@@ -497,7 +497,7 @@ def test_resume_from_original_checkpoint(original_checkpoint, dataset, tmp_path)
     records = read_metrics(out / "metrics.jsonl")
     assert [r["epoch"] for r in records] == [2]
     saved = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert saved["next_epoch"] == 3 and saved["epoch"] == 2
+    assert saved["position"]["epoch"] == 3 and saved["epoch"] == 2
 
 
 def test_resumed_weights_and_momentum_are_the_files(original_checkpoint, dataset, tmp_path):

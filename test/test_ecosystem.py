@@ -364,4 +364,4 @@ def test_tensorboard_missing_is_reported_before_training(image_folder, tmp_path)
     args = main.get_args_parser().parse_args(["--data-path", image_folder, "--output-dir", str(tmp_path / "out"),
                                                  "--tensorboard", *SMALL_RUN])
     with pytest.raises(UserError, match="pip install tensorboard"):
-        main.validate_args(args)  # argument validation: before any model, data or device is touched
+        main.preflight(args, main.launch.job_of(args))  # before any model, data or device is touched

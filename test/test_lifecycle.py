@@ -115,112 +115,129 @@ def many_images(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------
-# StopSignal: the modes, with real signals
+# stop.Stop: the phases, with real signals
 # ----------------------------------------------------------------------------
 
-def test_signal_outside_deferred_raises_interrupted_at_once():
+def test_a_signal_during_the_set_up_raises_interrupted_at_once():
     proc = snippet("""
-        import os, signal, time, lifecycle
-        stop = lifecycle.StopSignal()
+        import os, signal, time, stop
+        s = stop.Stop()
+        s.doing = "the dataset scan"
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)
             print("not interrupted")
-        except lifecycle.Interrupted as e:
-            print("interrupted", e.signal_name, e.signum, stop.requested, stop.signal_name)
+        except stop.Interrupted as e:
+            print("interrupted", e.signal_name, e.signum, e.where.replace(" ", "_"))
     """)
-    assert proc.stdout.split() == ["interrupted", "SIGTERM", "15", "True", "SIGTERM"], proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["interrupted", "SIGTERM", "15", "the_dataset_scan"], proc.stdout + proc.stderr
 
 
-def test_signal_inside_deferred_is_recorded_and_waiting_raises():
-    """In deferred() the step goes on; fetching the next batch then stops at once (the signal came before the
+def test_a_signal_while_running_is_recorded_and_waiting_raises():
+    """While running the step goes on; fetching the next batch then stops at once (the signal came before the
     wait), and a signal that arrives while the main thread is blocked in a read() ends that read."""
     proc = snippet("""
-        import os, signal, threading, time, lifecycle
-        stop = lifecycle.StopSignal()
-        with stop.deferred():
+        import os, signal, threading, time, stop
+        s = stop.Stop()
+        with s.running():
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(0.2)
-            print("step finished", stop.requested, stop.signal_name)
+            print("step finished", s.cause.code, s.cause.reason)
             try:
-                with stop.waiting():
+                with s.waiting():
                     print("waited anyway")
-            except lifecycle.Interrupted as e:
+            except stop.Interrupted as e:
                 print("waiting raised", e.signal_name)
-        stop.restore()
+        s.restore()
 
-        stop = lifecycle.StopSignal()
+        s = stop.Stop()
         r, w = os.pipe()
-        with stop.deferred():
+        with s.running():
             threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
             start = time.monotonic()
             try:
-                with stop.waiting():
+                with s.waiting():
                     os.read(r, 1)  # nobody writes: blocked, as a loader reading a hung file
-            except lifecycle.Interrupted as e:
+            except stop.Interrupted as e:
                 print("blocked read interrupted", e.signal_name, time.monotonic() - start < 5)
     """)
-    assert proc.stdout.splitlines() == ["step finished True SIGINT", "waiting raised SIGINT",
+    assert proc.stdout.splitlines() == ["step finished 75 SIGINT", "waiting raised SIGINT",
                                         "blocked read interrupted SIGTERM True"], proc.stdout + proc.stderr
 
 
-def test_second_signal_exits_at_once_and_kills_loader_workers():
-    """Inside deferred() (a checkpoint being written, say) a second Ctrl-C ends the process at once: one line,
-    exit 130, and the loader's workers (which ignore SIGTERM) do not outlive it. The same signal repeated
-    within lifecycle.DUPLICATE_WINDOW_S is one request delivered twice (a scheduler signalling every process,
-    and torchrun forwarding it too): the save goes on."""
-    proc = snippet("""
-        import multiprocessing, os, signal, time, lifecycle
+SECOND_SIGNAL = """
+    import multiprocessing, os, signal, sys, time, stop
 
-        def worker():
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as data._ignore_stop_signals
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            time.sleep(600)
+    def worker():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as data._ignore_stop_signals
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        time.sleep(600)
 
-        if __name__ == "__main__":
-            child = multiprocessing.get_context("fork").Process(target=worker)
-            child.start()
-            print(child.pid, flush=True)
-            stop = lifecycle.StopSignal()
-            with stop.deferred():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)
-                print("first recorded", stop.requested, flush=True)
-                os.kill(os.getpid(), signal.SIGINT)  # the same request, delivered again at once
-                time.sleep(0.2)
-                print("duplicate ignored", flush=True)
-                time.sleep(lifecycle.DUPLICATE_WINDOW_S)
-                os.kill(os.getpid(), signal.SIGINT)  # a second request
-                time.sleep(30)
-                print("still running", flush=True)
-    """, timeout=30)
+    if __name__ == "__main__":
+        child = multiprocessing.get_context("fork").Process(target=worker)
+        child.start()
+        print(child.pid, flush=True)
+        s = stop.Stop()
+        with getattr(s, sys.argv[1])():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)
+            print("first recorded", s.cause.reason, flush=True)
+            os.kill(os.getpid(), signal.SIGINT)  # the same request, delivered again at once
+            time.sleep(0.2)
+            print("duplicate ignored", flush=True)
+            time.sleep(stop.DUPLICATE_WINDOW_S)
+            os.kill(os.getpid(), signal.SIGINT)  # a second request
+            time.sleep(3)
+            print("still running", flush=True)
+        child.kill()
+"""
+
+
+def test_a_second_signal_exits_at_once_and_kills_loader_workers():
+    """While training, a second Ctrl-C ends the process at once: one line, exit 130, and the loader's workers
+    (which ignore SIGTERM) do not outlive it. The same signal repeated within stop.DUPLICATE_WINDOW_S is one
+    request delivered twice (a scheduler signalling every process, and torchrun forwarding it too)."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SECOND_SIGNAL), "running"], cwd=REPO,
+                          capture_output=True, text=True, timeout=30, env=clean_env())
     pid, first, duplicate, *rest = proc.stdout.splitlines()
-    assert (first, duplicate) == ("first recorded True", "duplicate ignored") and not rest, proc.stdout + proc.stderr
+    assert (first, duplicate) == ("first recorded SIGINT", "duplicate ignored") and not rest, proc.stdout + proc.stderr
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert [l for l in proc.stderr.splitlines() if l.strip()] == ["second SIGINT: exiting now without saving"]
     assert not os.path.exists(f"/proc/{pid}"), "the worker outlived the process"
 
 
-def test_sighup_is_handled_like_sigterm():
-    proc = snippet("""
-        import os, signal, time, lifecycle
-        stop = lifecycle.StopSignal()
-        with stop.deferred():
-            os.kill(os.getpid(), signal.SIGHUP)
+def test_a_second_signal_during_a_save_lets_the_save_finish():
+    """While a checkpoint is written and the ranks wait for it (stop.Stop.saving), no signal interrupts it: a
+    launcher stopping the job, or an impatient user, cannot cost the checkpoint being written."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SECOND_SIGNAL), "saving"], cwd=REPO,
+                          capture_output=True, text=True, timeout=30, env=clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[1:] == ["first recorded SIGINT", "duplicate ignored", "still running"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2])
+def test_sighup_and_the_preemption_notices_are_handled_like_sigterm(signum):
+    proc = snippet(f"""
+        import os, signal, time, stop
+        s = stop.Stop()
+        with s.running():
+            os.kill(os.getpid(), {int(signum)})
             time.sleep(0.2)
-            print("recorded", stop.requested, stop.signal_name)
+            print("recorded", s.cause.code, s.cause.reason)
     """)
-    assert proc.returncode == 0 and proc.stdout.split() == ["recorded", "True", "SIGHUP"], proc.stdout + proc.stderr
+    assert proc.returncode == 0 and proc.stdout.split() == ["recorded", "75", signal.Signals(signum).name], \
+        proc.stdout + proc.stderr
 
 
 def test_sighup_stays_ignored_under_nohup():
     """nohup starts the program with SIGHUP ignored: the user asked for it to outlive the terminal."""
     proc = snippet("""
-        import os, signal, time, lifecycle
-        stop = lifecycle.StopSignal()
-        os.kill(os.getpid(), signal.SIGHUP)
-        time.sleep(0.2)
-        print("survived", stop.requested)
+        import os, signal, time, stop
+        s = stop.Stop()
+        with s.running():
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)
+            print("survived", s.requested)
         os.kill(os.getpid(), signal.SIGTERM)  # the others still count
         time.sleep(5)
     """, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
@@ -233,7 +250,7 @@ def test_sighup_stays_ignored_under_nohup():
 # ----------------------------------------------------------------------------
 
 FIFO_LOADER = """
-    import os, sys, time, torch, lifecycle
+    import os, sys, time, torch, engine
 
     class Fifo(torch.utils.data.Dataset):  # one "image" that never delivers a byte, as a hung file system
         def __len__(self):
@@ -248,9 +265,9 @@ FIFO_LOADER = """
         loader = torch.utils.data.DataLoader(Fifo(), num_workers=int(sys.argv[2]))
         start = time.monotonic()
         try:
-            with lifecycle.data_timeout(1.5, "training data (epoch 0, step 1)"):
+            with engine.data_timeout(1.5, "training data (epoch 0, step 1)"):
                 next(iter(loader))
-        except lifecycle.DataStall as e:
+        except engine.DataStall as e:
             print(f"{time.monotonic() - start:.1f}|{e}", flush=True)
             sys.exit(2)
 """

@@ -24,7 +24,9 @@ sys.path.insert(0, REPO)
 import data  # noqa: E402
 import decode  # noqa: E402
 import densenet  # noqa: E402
-import lifecycle  # noqa: E402
+import config  # noqa: E402
+import engine  # noqa: E402
+import stop as stop_lib  # noqa: E402
 import main  # noqa: E402
 import trainer as trainer_lib  # noqa: E402
 from device import build_mixed_precision, resolve_device  # noqa: E402
@@ -275,11 +277,12 @@ def tiny_densenet(**kwargs):
 
 
 def run_steps(model, argv, steps=3, batch_size=4, size=32):
-    """main.train_one_epoch on a fixed synthetic batch, through the trainer main.py builds (trainer.build_trainer:
+    """engine.train_one_epoch on a fixed synthetic batch, through the trainer main.py builds (trainer.build_trainer:
     optimizer, mixed precision, channels_last, --compile) and its one training step, Trainer.step; only the
     architecture is the tiny `model` instead of --model's. Returns the epoch's stats and the model."""
-    args = main.get_args_parser().parse_args(["--synthetic", "--device", "cpu", "--model", "densenet121",
-                                              "--print-freq", "1", "--warmup-steps", "1", "--lr", "0.1", *argv])
+    args = config.get_args_parser().parse_args(["--synthetic", "--device", "cpu", "--model", "densenet121",
+                                                "--print-freq", "1", "--warmup-steps", "1", "--lr", "0.1", *argv])
+    config.resolve_preprocessing(args)
     device = resolve_device("cpu")
     torch.manual_seed(0)
     amp = build_mixed_precision(args, device)
@@ -288,9 +291,10 @@ def run_steps(model, argv, steps=3, batch_size=4, size=32):
     assert t.model_without_ddp is model and model.features.conv0.weight.is_contiguous(
         memory_format=torch.channels_last)
     loader = data.SyntheticLoader(batch_size, size, 5, steps, seed=3)
-    stop = lifecycle.StopSignal()
+    stop = stop_lib.Stop()
     try:
-        stats = main.train_one_epoch(t, loader, 0, 0, len(loader), args, stop)
+        with stop.running():
+            stats = engine.train_one_epoch(t, loader, 0, 0, len(loader), args, stop)
     finally:
         stop.restore()
     return stats, model

@@ -51,7 +51,7 @@ def load(path):
 def assert_same_training_state(path_a, path_b):
     """Model tensors (BN running stats and num_batches_tracked included) and SGD momentum bit for bit."""
     a, b = load(path_a), load(path_b)
-    assert (a["next_epoch"], a["next_step"]) == (b["next_epoch"], b["next_step"])
+    assert (a["position"]["epoch"], a["position"]["step"]) == (b["position"]["epoch"], b["position"]["step"])
     assert a["model"].keys() == b["model"].keys()
     different = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
     assert not different, f"{len(different)} model tensors differ, e.g. {different[:5]}"
@@ -158,7 +158,7 @@ def test_resume_at_epoch_boundary_is_bit_identical(data48, reference, tmp_path, 
     w = ["--workers", str(workers)]
     first = train(data48, tmp_path, "--epochs", "1", *w)
     assert_ok(first)
-    assert load(tmp_path / "checkpoint.pth")["next_epoch"] == 1
+    assert load(tmp_path / "checkpoint.pth")["position"]["epoch"] == 1
     second = train(data48, tmp_path, "--epochs", "2", "--resume", str(tmp_path / "checkpoint.pth"), *w)
     assert_ok(second)
     assert "Resumed from" in second.stdout and "epoch 1, step 0" in second.stdout, second.stdout
@@ -218,7 +218,7 @@ def test_preempted_mid_epoch_then_resume_auto_is_bit_identical(data48, reference
     assert max(step_numbers(out, 0)) == s
     assert "Traceback" not in err, err
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert (ckpt["epoch"], ckpt["next_epoch"], ckpt["next_step"]) == (0, 0, s)
+    assert (ckpt["epoch"], ckpt["position"]["epoch"], ckpt["position"]["step"]) == (0, 0, s)
     assert not (tmp_path / "model_0.pth").exists()  # no epoch-end file for an unfinished epoch
 
     if workers == 0:  # another batch size would skip next_step * (new batch) samples: refused, file untouched
@@ -401,10 +401,11 @@ def test_non_finite_loss_stops_without_touching_good_checkpoints(data48, tmp_pat
 
 
 def test_non_finite_loss_check_names_epoch_and_step():
-    import main
-    with pytest.raises(main.NumericalError, match=r"epoch 4 step 8\b"):
-        main.check_finite(torch.tensor(7), 4)  # the 8th step of the epoch (log line [8/N])
-    main.check_finite(torch.tensor(-1), 4)  # no bad step: nothing raised
+    import engine
+    from cli import NumericalError
+    with pytest.raises(NumericalError, match=r"epoch 4 step 8\b"):
+        engine.check_finite(torch.tensor(7), 4)  # the 8th step of the epoch (log line [8/N])
+    engine.check_finite(torch.tensor(-1), 4)  # no bad step: nothing raised
 
 
 # ----------------------------------------------------------------------------
@@ -486,7 +487,7 @@ def test_keep_checkpoints_and_resume_auto_skips_corrupt_newer_files(data48, tmp_
     assert_ok(proc)
     names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth"))
     assert names == ["checkpoint.pth", "model_1.pth", "model_2.pth", "model_best.pth"], names
-    assert load(tmp_path / "model_2.pth")["next_epoch"] == 3
+    assert load(tmp_path / "model_2.pth")["position"]["epoch"] == 3
 
     # Newer than model_2.pth but broken: a checkpoint cut off mid-copy and an empty file. (A new file:
     # checkpoint.pth and model_2.pth are one file with two names, hard links, until the next save.)
@@ -507,7 +508,7 @@ def test_keep_checkpoints_and_resume_auto_skips_corrupt_newer_files(data48, tmp_
     assert step_numbers(resumed.stdout, 2) == [] and re.search(r"^Train \[3\] done", resumed.stdout, re.M)
     for skipped in ("checkpoint.pth", "model_3.pth"):
         assert skipped in resumed.stderr, resumed.stderr  # the user is told which newer files were unusable
-    assert load(tmp_path / "checkpoint.pth")["next_epoch"] == 4
-    assert load(tmp_path / "model_3.pth")["next_epoch"] == 4  # the empty file was replaced by a real one
+    assert load(tmp_path / "checkpoint.pth")["position"]["epoch"] == 4
+    assert load(tmp_path / "model_3.pth")["position"]["epoch"] == 4  # the empty file was replaced by a real one
     names = sorted(n for n in os.listdir(tmp_path) if n.endswith(".pth"))
     assert names == ["checkpoint.pth", "model_2.pth", "model_3.pth", "model_best.pth"], names

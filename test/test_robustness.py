@@ -474,7 +474,7 @@ def test_full_disk_during_checkpoint_is_one_line_and_keeps_previous(data25, smal
     assert "No space left on device" in proc.stderr, proc.stderr
     assert "Train [0] done" in proc.stdout and " * Acc@1" in proc.stdout  # the save after evaluation failed
     state = load_checkpoint(out / "checkpoint.pth")  # the previous checkpoint is intact and loads
-    assert state["epoch"] == 0 and state["next_epoch"] == 1
+    assert state["epoch"] == 0 and state["position"]["epoch"] == 1
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]  # the half-written temporary file is gone
 
 
@@ -496,7 +496,7 @@ def test_second_run_into_a_busy_output_dir_is_refused(data25, tmp_path):
     assert f"pid {first.pid}" in second.stderr, second.stderr
     assert_ok(first.finish())
     assert metrics_epochs(out) == [0]  # the first run's curve, untouched by the second
-    assert load_checkpoint(out / "checkpoint.pth")["next_epoch"] == 1
+    assert load_checkpoint(out / "checkpoint.pth")["position"]["epoch"] == 1
 
 
 # Items 8 and 17: the launchers keep the previous run; a wrong --data_path fails before Python starts ----------

@@ -7,7 +7,6 @@ Each wait has a time limit, so a regression fails instead of hanging the suite. 
 defects of issue 23 that each test reproduces.
 """
 import glob
-import json
 import os
 import shutil
 import signal

@@ -47,7 +47,7 @@ def test_sigterm_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_t
     assert re.search(r"^Preempted by SIGTERM during the evaluation of epoch 0: the epoch's training is saved",
                      proc.stdout, re.M), proc.stdout
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert (ckpt["epoch"], ckpt["next_epoch"], ckpt["next_step"], ckpt["evaluated"]) == (0, 1, 0, False)
+    assert ckpt["epoch"] == 0 and ckpt["position"] == {**ckpt["position"], "epoch": 1, "step": 0, "evaluated": False}
     assert metrics(tmp_path) == []  # no row for an epoch that was not evaluated
 
     resumed = run_main([*args, "--epochs", "2", "--resume", "auto"], env=clean_env(), inherit_env=False)
@@ -112,7 +112,7 @@ def test_an_evaluation_of_zero_images_is_an_error_and_the_epoch_is_kept(tmp_path
     assert proc.returncode == 2
     assert "evaluation covered 0 images (2 unreadable)" in one_error_line(proc.stderr)
     assert " * Acc@1" not in proc.stdout
-    assert load(out / "checkpoint.pth")["next_epoch"] == 1  # the epoch's training was saved before
+    assert load(out / "checkpoint.pth")["position"]["epoch"] == 1  # the epoch's training was saved before
 
 
 # ----------------------------------------------------------------------------
@@ -141,7 +141,7 @@ def test_a_loader_worker_killed_mid_epoch_is_one_line_and_a_checkpoint(data48, t
     line = one_error_line(proc.stderr)
     assert "a data loading worker died" in line and "checkpoint saved" in line, line
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert ckpt["next_epoch"] == 0 and 2 <= ckpt["next_step"] < 12
+    assert ckpt["position"]["epoch"] == 0 and 2 <= ckpt["position"]["step"] < 12
 
 
 def test_a_stalled_loader_saves_the_steps_trained_so_far(data48, tmp_path):
@@ -160,7 +160,7 @@ def test_a_stalled_loader_saves_the_steps_trained_so_far(data48, tmp_path):
     line = one_error_line(proc.stderr)
     assert "training data (epoch 0, step 3): no batch for 3 s" in line and "checkpoint saved" in line, line
     ckpt = load(tmp_path / "out" / "checkpoint.pth")
-    assert (ckpt["next_epoch"], ckpt["next_step"]) == (0, 2)  # steps 1 and 2 trained; step 3 never started
+    assert (ckpt["position"]["epoch"], ckpt["position"]["step"]) == (0, 2)  # steps 1 and 2 trained; step 3 never started
     # (SIGTERM while the loader is blocked: test_lifecycle.py)
 
 
@@ -181,16 +181,16 @@ def test_a_rank_killed_mid_epoch_leaves_a_checkpoint_and_a_line_naming_it(data48
     line = one_error_line(procs[0].stderr)
     assert f"lost rank {victim} at epoch 0" in line and "checkpoint saved" in line, line
     ckpt = load(tmp_path / "checkpoint.pth")
-    assert ckpt["next_epoch"] == 0 and ckpt["next_step"] >= 2
+    assert ckpt["position"]["epoch"] == 0 and ckpt["position"]["step"] >= 2
 
     # The restart (what torchrun --max-restarts does) continues from that step and finishes the epoch.
     procs = start_ranks(ranks, [*args, "--resume", "auto"])
     for proc in procs:
         assert proc.finish(timeout=300) == 0, proc.stdout + proc.stderr
-    assert f"continuing at epoch 0, step {ckpt['next_step']}" in procs[0].stdout
+    assert f"continuing at epoch 0, step {ckpt["position"]["step"]}" in procs[0].stdout
     row = metrics(tmp_path)[-1]
     # The survivors could not sum the first attempt's metrics with a peer gone: the row counts the second's.
-    assert row["resumed"] is True and row["images"] == 48 - 2 * ranks * ckpt["next_step"]
+    assert row["resumed"] is True and row["images"] == 48 - 2 * ranks * ckpt["position"]["step"]
 
 
 # ----------------------------------------------------------------------------
@@ -253,10 +253,11 @@ def interrupted_run(elastic, ranks):
     procs[-1].p.send_signal(signal.SIGTERM)
     for proc in procs:
         assert proc.finish(timeout=120) == 75, proc.stdout + proc.stderr
-    steps = load(out / "checkpoint.pth")["next_step"]
+    steps = load(out / "checkpoint.pth")["position"]["step"]
     assert 2 <= steps < 6
-    assert re.search(rf"^Preempted by a signal to another rank at epoch 0 step {steps}:", procs[0].stdout, re.M) \
-        if ranks > 1 else re.search(rf"^Preempted by SIGTERM at epoch 0 step {steps}:", procs[0].stdout, re.M)
+    assert re.search(rf"^Preempted by SIGTERM \(to rank {ranks - 1}: SIGTERM\) at epoch 0 step {steps}:",
+                     procs[0].stdout, re.M) if ranks > 1 else \
+        re.search(rf"^Preempted by SIGTERM at epoch 0 step {steps}:", procs[0].stdout, re.M)
     elastic["stopped"][ranks] = out, steps
     return out, steps
 
