@@ -384,3 +384,32 @@ def test_loader_settings(monkeypatch):
     assert data.default_workers(1) > data.default_workers(2) > data.default_workers(8) > 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert data.default_workers(1) == 0 and data.default_workers(4) == 0  # one core: load in the trainer
+
+
+def test_benchmark_times_the_trainers_step_and_the_stop_agreement():
+    """benchmark.py's "ours" is what trains (config's parser, trainer.build_trainer, Trainer.step, engine.Meter)
+    and its control section times stop.Stop's agreement: one step of each side and a few agreements, in this
+    process (no timings asserted; one process, so the agreement sums are this rank's own)."""
+    import bench_core
+    import bench_dist
+    import benchmark
+    from stop import Stop
+    device = resolve_device("cpu")
+    args = benchmark.apply_device_defaults(benchmark.get_args(
+        ["--device", "cpu", "--model", "densenet121", "--image-size", "32", "-b", "2", "--sections", "compute,control",
+         "--control-procs", "2"]), device)
+    spec = bench_core.OursSpec(device, args, 2)
+    trainer = spec.build()
+    weight = next(trainer.model_without_ddp.parameters())
+    before = weight.detach().clone()
+    step = bench_core.ours_step_fn(trainer, spec.args, bench_core.synthetic_batch(2, 32))
+    step()
+    assert not torch.equal(before, weight.detach()), "the benchmark's step did not train"
+    bench_core.reference_step_fn(device, "densenet121", bench_core.synthetic_batch(2, 32))()
+    stop = Stop()
+    try:
+        calls = bench_dist.agreement_latencies(stop, 2, 2, 3)  # raises if the sums are not 2 images, no stop
+        blocking, overlapped = bench_dist.agreement_costs(stop, 2, step, 1)
+    finally:
+        stop.restore()
+    assert len(calls) == 3 and len(blocking) == len(overlapped) == 1
