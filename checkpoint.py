@@ -335,7 +335,7 @@ class ResumePoint:
     order_seed: int = None  # the seed of the first epoch's sample order, when it is not this run's --seed
 
 
-def resume(args, found, trainer, classes, rank, world_size, order, log=print):
+def resume(args, found, trainer, classes, rank, world_size, order=None, log=print):
     """Load a Found checkpoint into the trainer; the ResumePoint to start from. `order`: this run's sample order
     ({'seed', 'images', 'digest'}), against which a checkpoint saved mid-epoch is checked.
 
@@ -394,7 +394,7 @@ def _continue_epoch(point, position, ckpt, path, args, order, log):
                         f"--restart-epoch to train epoch {position.epoch} again from its start)")
     saved = position.order or {}
     changed = [what for what, key in (("their number", "images"), ("their file names", "digest"))
-               if saved.get(key) is not None and saved[key] != order[key]]
+               if order is not None and saved.get(key) is not None and saved[key] != order[key]]
     if changed and not args.restart_epoch:
         raise UserError(f"{where} with {saved['images']} training images; {args.data_path} has {order['images']} "
                         f"now ({' and '.join(changed)} changed), so the rest of that epoch's order is not the rest "

@@ -38,13 +38,13 @@ def get_args_parser():
       help="data loading processes per machine, divided among its ranks as the original does (default: the "
            "cores each rank may use, minus one)")
     g("--train-crop-size", type=int, default=None,
-      help="training crop (RandomResizedCrop) size (default: 224; resuming: the checkpoint's)")
+      help="training crop (RandomResizedCrop) size; resuming: the checkpoint's unless given (default: 224)")
     g("--val-resize-size", type=int, default=None,
-      help="validation resize, shorter side (default: 256; resuming or --test-only: the checkpoint's)")
+      help="validation resize, shorter side; resuming or --test-only: the checkpoint's unless given (default: 256)")
     g("--val-crop-size", type=int, default=None,
-      help="validation centre crop (default: 224; resuming or --test-only: the checkpoint's)")
+      help="validation centre crop; resuming or --test-only: the checkpoint's unless given (default: 224)")
     g("--interpolation", default=None, choices=sorted(INTERPOLATIONS),
-      help="resize filter (default: bilinear; resuming or --test-only: the checkpoint's)")
+      help="resize filter; resuming or --test-only: the checkpoint's unless given (default: bilinear)")
     g("--crop-scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
       help="area range of RandomResizedCrop")
     g("--hflip-prob", type=float, default=0.5, help="probability of a horizontal flip in training")
@@ -131,6 +131,9 @@ def get_args_parser():
                                    "--output-dir: in the newest run of --model under output/train)")
     g("--overwrite", action="store_true", help="start fresh in an --output-dir that holds another run's files")
     g("--start-epoch", type=int, default=0, help="first epoch of a fresh run")
+    g("--restart-epoch", action="store_true",
+      help="resume a checkpoint saved mid-epoch from the start of its epoch (for when its training images changed, "
+           "or its --batch-size: the rest of that epoch's sample order is then not the rest of what was trained)")
     g("--test-only", action="store_true", help="evaluate the --resume/--pretrained weights and stop")
     g("--print-freq", type=int, default=10, help="log a step line every this many steps (and the first)")
     g("--log-file", default=None, help="also write this process's output here; {rank} becomes the global rank")

@@ -292,10 +292,10 @@ def collective(where):
 def wait(work):
     """work.wait() in short sleeps rather than one call: Python runs signal handlers only between the main
     thread's bytecodes, so a gloo wait blocked in C++ would hold a SIGTERM back for as long as a peer is slow."""
-    pause = 0.0005
+    pause = 0.0001
     while not work.is_completed():
         time.sleep(pause)
-        pause = min(pause * 2, 0.01)
+        pause = min(pause * 1.5, 0.005)
     work.wait()  # raises the collective's error, if any
 
 

@@ -57,8 +57,10 @@ from trainer import build_trainer  # noqa: E402
 from utils import log  # noqa: E402
 
 
-def main(args, stop):
-    """The run: configure, set up, build, resume, then evaluate (--test-only) or train. Returns the exit code."""
+def main(args, stop=None):
+    """The run: configure, set up, build, resume, then evaluate (--test-only) or train. Returns the exit code.
+    `stop`: the Stop that run() installed before anything else (one is made here when called on its own)."""
+    stop = stop or Stop()
     stop.doing = "set-up"
     job = launch.job_of(args)
     config.validate_args(args, job.world_size)
@@ -66,6 +68,7 @@ def main(args, stop):
     preflight(args, job)
     stop.doing = "joining the process group"
     run = launch.setup(args, job, log=log)
+    utils.seed_everything(args.seed + run.rank)
     launch.record_peers()  # every rank's host and pid: a rank that dies can be named
     stop.doing = "resume"
     found = checkpoint.read_resume_checkpoint(run.resume, args.output_dir)

@@ -28,6 +28,7 @@ import cli
 cli.check_torchvision()  # before `import data`: a torchvision built for another torch is one line, not a traceback
 
 import data as data_lib
+import launch
 import layout as layout_lib
 import densenet
 import checkpoint
@@ -167,6 +168,37 @@ def _write_output(path, results, skipped, meta):
 # ----------------------------------------------------------------------------
 
 def main(args):
+    check_args(args)
+    files, skipped = readable_files(args.paths)  # before the model is loaded: a typo fails fast
+    model, saved, name = weights.build_model_from_weights(args.weights, args.model)
+    num_classes = model.classifier.out_features
+    class_names = names_of_classes(args.class_index, saved.get("classes"), num_classes)
+    ckpt_args = weights.saved_config(saved)
+    prep = {k: ckpt_args.get(k) or default for k, default in RAW_WEIGHTS_PREPROCESSING.items()}
+
+    device = resolve_device(args.device)
+    model = place_model(model, device, device.channels_last_default)
+    transform = data_lib.eval_transform(prep["val_resize_size"], prep["val_crop_size"], prep["interpolation"])
+    workers = args.workers if args.workers is not None else (
+        launch.default_workers(1)[0] if len(files) > args.batch_size else 0)
+    loader = torch.utils.data.DataLoader(ImageFiles(files, transform), batch_size=args.batch_size,
+                                         num_workers=workers, collate_fn=data_lib.collate_skip_bad,
+                                         pin_memory=device.is_accelerator)
+    print(f"{name}, {num_classes} classes, from {args.weights}; preprocessing: resize {prep['val_resize_size']}, "
+          f"centre crop {prep['val_crop_size']}, {prep['interpolation']}; device {device.describe()}; "
+          f"{len(files)} images", file=sys.stderr, flush=True)
+    normalize = data_lib.DeviceNormalize(device.torch_device, device.channels_last_default)
+    results = predict(model, normalize, loader, files, class_names, min(args.topk, num_classes), skipped)
+    if not results:
+        raise UserError(f"none of the {len(files)} images could be decoded (e.g. {skipped[-1]['path']})")
+    if args.output:
+        meta = {"weights": args.weights, "model": name, "num_classes": num_classes, "preprocessing": prep}
+        write_output(args.output, results, skipped, meta)
+        print(f"Wrote {len(results)} predictions to {args.output}", file=sys.stderr, flush=True)
+    return 0
+
+
+def check_args(args):
     if args.batch_size <= 0 or args.topk <= 0:
         raise UserError("--batch-size and --topk must be > 0")
     if args.output and not args.output.lower().endswith((".csv", ".json")):
@@ -176,9 +208,12 @@ def main(args):
     if args.output:  # before the work: an unwritable --output must not cost a whole set of predictions
         checkpoint.check_writable_file(args.output, "--output")
 
-    # Which files are images: checked before the model is loaded, so a typo fails fast.
+
+def readable_files(paths):
+    """(image files, [{'path', 'reason'}] of the files skipped), from the files' headers; one line when none is
+    readable."""
     files, skipped = [], []
-    for path in collect_files(args.paths):
+    for path in collect_files(paths):
         problem = header_problem(path)
         if problem:
             skipped.append({"path": path, "reason": problem})
@@ -191,33 +226,20 @@ def main(args):
                         f"{skipped[0]['reason']})" if skipped else "no image files found")
     for s in skipped:
         print(f"warning: skipped {s['path']}: {s['reason']}", file=sys.stderr, flush=True)
+    return files, skipped
 
-    model, saved, name = weights.build_model_from_weights(args.weights, args.model)
-    num_classes = model.classifier.out_features
-    classes = saved.get("classes")
-    if args.class_index:
-        class_names = load_class_names(args.class_index, num_classes)
-    elif isinstance(classes, (list, tuple)) and len(classes) == num_classes:
-        class_names = [str(c) for c in classes]
-    else:
-        class_names = [str(i) for i in range(num_classes)]
-    ckpt_args = weights.saved_config(saved)
-    prep = {k: ckpt_args.get(k) or default for k, default in RAW_WEIGHTS_PREPROCESSING.items()}
 
-    device = resolve_device(args.device)
-    model = place_model(model, device, device.channels_last_default)
-    normalize = data_lib.DeviceNormalize(device.torch_device, device.channels_last_default)
-    transform = data_lib.eval_transform(prep["val_resize_size"], prep["val_crop_size"], prep["interpolation"])
-    workers = args.workers if args.workers is not None else (
-        data_lib.default_workers() if len(files) > args.batch_size else 0)
-    loader = torch.utils.data.DataLoader(ImageFiles(files, transform), batch_size=args.batch_size,
-                                         num_workers=workers, collate_fn=data_lib.collate_skip_bad,
-                                         pin_memory=device.is_accelerator)
-    topk = min(args.topk, num_classes)
-    print(f"{name}, {num_classes} classes, from {args.weights}; preprocessing: resize {prep['val_resize_size']}, "
-          f"centre crop {prep['val_crop_size']}, {prep['interpolation']}; device {device.describe()}; "
-          f"{len(files)} images", file=sys.stderr, flush=True)
+def names_of_classes(class_index, saved_classes, num_classes):
+    """--class-index's names, else the checkpoint's class folders, else the indices."""
+    if class_index:
+        return load_class_names(class_index, num_classes)
+    if isinstance(saved_classes, (list, tuple)) and len(saved_classes) == num_classes:
+        return [str(c) for c in saved_classes]
+    return [str(i) for i in range(num_classes)]
 
+
+def predict(model, normalize, loader, files, class_names, topk, skipped):
+    """The top-k classes of every readable image, printed as they come; undecodable files join `skipped`."""
     results = []
     with torch.inference_mode():
         for batch in loader:
@@ -233,13 +255,7 @@ def main(args):
                                                      "probability": q} for q, c in zip(row_p, row_idx)]}
                 results.append(result)
                 print(format_line(result), flush=True)
-    if not results:
-        raise UserError(f"none of the {len(files)} images could be decoded (e.g. {skipped[-1]['path']})")
-    if args.output:
-        meta = {"weights": args.weights, "model": name, "num_classes": num_classes, "preprocessing": prep}
-        write_output(args.output, results, skipped, meta)
-        print(f"Wrote {len(results)} predictions to {args.output}", file=sys.stderr, flush=True)
-    return 0
+    return results
 
 
 def run(argv=None):

@@ -28,6 +28,7 @@ from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, run_mai
 
 sys.path.insert(0, REPO)
 import cli  # noqa: E402
+import config  # noqa: E402
 import data  # noqa: E402
 import densenet  # noqa: E402
 import device as device_lib  # noqa: E402
@@ -65,7 +66,10 @@ def acc_lines(log):
 def test_parser_defaults():
     a = parse()
     assert a.model == "densenet201"
-    assert (a.train_crop_size, a.val_resize_size, a.val_crop_size) == (224, 256, 224)
+    # Not given: a resumed or --test-only run takes them from its checkpoint, a fresh one from these defaults.
+    assert (a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == (None, None, None, None)
+    config.resolve_preprocessing(a)
+    assert (a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == (224, 256, 224, "bilinear")
     assert a.device == "auto"
     assert a.data_path is None and a.resume == "" and a.start_epoch == 0
     assert not (a.test_only or a.pretrained or a.amp or a.apex or a.distributed)

@@ -505,7 +505,8 @@ def test_resumed_weights_and_momentum_are_the_files(original_checkpoint, dataset
     momentum buffers, regrouped into our two groups (decayed weights, then BatchNorm weights and biases)."""
     trainer, args = build_cpu_trainer(dataset, tmp_path)
     logs = []
-    point = checkpoint.resume(args, original_checkpoint["path"], trainer, ["a", "b", "c"], 0, 1, log=logs.append)
+    found = checkpoint.read_resume_checkpoint(original_checkpoint["path"], None)
+    point = checkpoint.resume(args, found, trainer, ["a", "b", "c"], 0, 1, log=logs.append)
     assert point.epoch == ORIGINAL_DONE and point.step == 0
     sd = trainer.model_without_ddp.state_dict()
     for k, v in original_checkpoint["ckpt"]["model"].items():
@@ -584,7 +585,8 @@ def test_torchvision_reference_checkpoint_loads(dataset, tmp_path):
     torch.save(ckpt, path)
     trainer, args = build_cpu_trainer(dataset, tmp_path / "out")
     logs = []
-    point = checkpoint.resume(args, path, trainer, ["a", "b", "c"], 0, 1, log=logs.append)
+    point = checkpoint.resume(args, checkpoint.read_resume_checkpoint(path, None), trainer, ["a", "b", "c"], 0, 1,
+                              log=logs.append)
     assert point.epoch == 1
     for k, v in model.state_dict().items():
         assert torch.equal(trainer.model_without_ddp.state_dict()[k], v), k

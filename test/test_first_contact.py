@@ -20,6 +20,8 @@ from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_e
 
 import cli
 import densenet
+import config
+import launch
 import main as main_lib
 import run_summary
 
@@ -152,7 +154,7 @@ def test_smallest_image_the_model_accepts_is_what_the_check_says(name, torch_one
         monkeypatch.delenv(var, raising=False)
     args = main_lib.get_args_parser().parse_args(["--data-path", data, "--val-crop-size", "8"])
     with pytest.raises(cli.UserError) as refused:
-        main_lib.validate_args(args)
+        config.validate_args(args)
     smallest = int(re.search(r"the smallest it accepts is (\d+)", str(refused.value)).group(1))
     model = densenet.MODELS[name](num_classes=3)
     model.train()  # a training step at batch 2 (the least BatchNorm trains on), then evaluation at batch 1
@@ -184,7 +186,7 @@ def test_arguments_that_waste_a_run_are_refused_by_validation(data, tmp_path, mo
     out = tmp_path / "out"
     args = main_lib.get_args_parser().parse_args(["--data-path", data, "--output-dir", str(out), *argv])
     with pytest.raises(cli.UserError) as refused:
-        main_lib.validate_args(args)  # the first thing main() does: before the data, the model, any file
+        config.validate_args(args, launch.job_of(args).world_size)  # the first check: before any file is touched
     assert fragment in str(refused.value)
     assert not out.exists()
 

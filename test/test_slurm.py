@@ -224,7 +224,7 @@ def test_distributed_flag_in_an_salloc_shell_says_what_it_expects(monkeypatch):
     args = main_lib.get_args_parser().parse_args(["--synthetic", "--distributed", "--device", "cpu"])
     with pytest.raises(UserError, match=r"--distributed needs a launcher: torchrun \(sets RANK, LOCAL_RANK, "
                                         r"WORLD_SIZE\), srun \(one task per device\)"):
-        main_lib.setup(args)
+        launch_lib.setup(args, launch_lib.job_of(args))
 
 
 # ----------------------------------------------------------------------------

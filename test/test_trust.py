@@ -187,7 +187,7 @@ def test_a_rank_killed_mid_epoch_leaves_a_checkpoint_and_a_line_naming_it(data48
     procs = start_ranks(ranks, [*args, "--resume", "auto"])
     for proc in procs:
         assert proc.finish(timeout=300) == 0, proc.stdout + proc.stderr
-    assert f"continuing at epoch 0, step {ckpt["position"]["step"]}" in procs[0].stdout
+    assert f"continuing at epoch 0, step {ckpt['position']['step']}" in procs[0].stdout
     row = metrics(tmp_path)[-1]
     # The survivors could not sum the first attempt's metrics with a peer gone: the row counts the second's.
     assert row["resumed"] is True and row["images"] == 48 - 2 * ranks * ckpt["position"]["step"]
