@@ -125,7 +125,12 @@ def resolve_device(requested="auto", local_rank=0, device_ids=None):
     """Pick the device for this process and bind it.
 
     `device_ids` maps local ranks onto physical devices (the reference's
-    --device_ids "0,1,2,..."); without it local rank r uses device r.
+    --device_ids "0,1,2,..."); without it local rank r uses visible device
+    r modulo the number visible (torchvision's rule): device r when every
+    rank sees all the node's devices (torchrun, srun --gpus-per-node), and
+    a task's own device when the launcher shows each task only its own (srun
+    --gpus-per-task=1 sets a CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES
+    of one device per task: local rank 3 then uses device 0 of 1).
     """
     if requested not in DEVICE_TYPES:
         raise DeviceError(f"unknown --device {requested!r}; choose from {', '.join(DEVICE_TYPES)}")
@@ -153,7 +158,10 @@ def resolve_device(requested="auto", local_rank=0, device_ids=None):
     if device_ids and local_rank >= len(device_ids):
         raise DeviceError(f"--device_ids {','.join(map(str, device_ids))} names {len(device_ids)} device(s) but "
                           f"this node runs local rank {local_rank}: give one device per local rank")
-    index = device_ids[local_rank] if device_ids else local_rank
+    if count == 0:
+        raise DeviceError(f"--device {requested}: no {requested} device is visible to this process (check "
+                          f"CUDA_VISIBLE_DEVICES / ASCEND_RT_VISIBLE_DEVICES and the launcher's device options)")
+    index = device_ids[local_rank] if device_ids else local_rank % count
     if index >= count:
         raise DeviceError(f"local rank {local_rank} wants {requested}:{index} but only {count} "
                           f"{requested} device(s) are visible")

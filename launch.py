@@ -79,21 +79,52 @@ def launcher_env(distributed_flag=False, node_rank=0, nodes=1, env=None):
       (and a batch script even SLURM_PROCID=0), but only one process runs there, so it is a 1-process run.
       For the same reason the world size is the step's SLURM_STEP_NUM_TASKS, the number of tasks srun
       started (SLURM_NTASKS, the same number inside a step, is the allocation's outside one).
-    """
+
+    Every variable read must be a whole number in its range (a rank below its world size, ...): anything else
+    is a UserError naming the variable and its value, raised before any work -- not a traceback, and not a
+    rendezvous that waits --dist-timeout for a rank that cannot exist."""
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
-        world = int(env["WORLD_SIZE"])
-        return Launch(int(env["RANK"]), int(env.get("LOCAL_RANK", env["RANK"])), world,
-                      int(env.get("LOCAL_WORLD_SIZE", world)), "torchrun", env.get("MASTER_ADDR"),
+        hint = "torchrun sets it for each process; a value left over in the shell? unset it"
+        world = _env_int(env, "WORLD_SIZE", 1, hint=hint)
+        rank = _env_int(env, "RANK", 0, world, "WORLD_SIZE", hint)
+        local_world = _env_int(env, "LOCAL_WORLD_SIZE", 1, hint=hint) if "LOCAL_WORLD_SIZE" in env else world
+        if local_world > world:
+            raise UserError(f"LOCAL_WORLD_SIZE={local_world} is more than WORLD_SIZE={world} ({hint})")
+        local_rank = _env_int(env, "LOCAL_RANK", 0, local_world,
+                              "LOCAL_WORLD_SIZE" if "LOCAL_WORLD_SIZE" in env else "WORLD_SIZE", hint) \
+            if "LOCAL_RANK" in env else rank
+        return Launch(rank, local_rank, world, local_world, "torchrun", env.get("MASTER_ADDR"),
                       env.get("MASTER_PORT"))
     if distributed_flag and "RANK_ID" in env and "RANK_SIZE" in env:
-        local_rank, per_node = int(env["RANK_ID"]), int(env["RANK_SIZE"])
+        hint = "the original's launch: RANK_SIZE processes per node, RANK_ID this one's device index, from 0"
+        per_node = _env_int(env, "RANK_SIZE", 1, hint=hint)
+        local_rank = _env_int(env, "RANK_ID", 0, per_node, "RANK_SIZE", hint)
         nodes = nodes or 1
+        if not 0 <= node_rank < nodes:
+            raise UserError(f"--dist_rank {node_rank} is not a node of --world-size {nodes} (nodes are numbered "
+                            f"0..{nodes - 1})")
         return Launch(node_rank * per_node + local_rank, local_rank, nodes * per_node, per_node, "rank_id",
                       env.get("MASTER_ADDR", ORIGINAL_MASTER_ADDR), env.get("MASTER_PORT", ORIGINAL_MASTER_PORT))
     if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
         return slurm_launch(env)
     return Launch(0, 0, 1, 1, "single")
+
+
+def _env_int(env, name, low, high=None, high_name=None, hint=""):
+    """env[name] as an integer in [low, high): else a UserError naming the variable, its value and the range,
+    e.g. "SLURM_PROCID=2 is out of range for SLURM_STEP_NUM_TASKS=2: it must be 0..1 (srun sets it ...)"."""
+    text = env[name]
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise UserError(f"{name}={text!r} is not a whole number ({hint})") from None
+    if value < low:
+        raise UserError(f"{name}={text.strip()} must be {low} or more ({hint})")
+    if high is not None and value >= high:
+        limit = f"{high_name}={env[high_name].strip()}" if high_name in env else f"{high_name} {high}"
+        raise UserError(f"{name}={value} is out of range for {limit}: it must be {low}..{high - 1} ({hint})")
+    return value
 
 
 def job_of(args):
@@ -104,27 +135,42 @@ def job_of(args):
 def slurm_launch(env):
     """The Launch of an srun task. Rank, local rank and world size are Slurm's; the rendezvous is
     MASTER_ADDR/MASTER_PORT when set, else the step's first node (where srun starts task 0) and
-    slurm_port(job id)."""
-    world = int(env["SLURM_STEP_NUM_TASKS"])
+    slurm_port(job id, step id). Every variable read is checked (_env_int)."""
+    hint = "srun sets it for each task; set by hand, or left over from another job? unset it, or start with srun"
+    world = _env_int(env, "SLURM_STEP_NUM_TASKS", 1, hint=hint)
+    rank = _env_int(env, "SLURM_PROCID", 0, world, "SLURM_STEP_NUM_TASKS", hint)
     node_list = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     addr = env.get("MASTER_ADDR")
     if addr is None and node_list:
         addr = expand_hostlist(node_list)[0]
     port = env.get("MASTER_PORT")
     if port is None and "SLURM_JOB_ID" in env:
-        port = str(slurm_port(int(env["SLURM_JOB_ID"])))
-    per_node = tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""))
-    node = int(env.get("SLURM_NODEID", 0))
-    local_world = per_node[node] if node < len(per_node) else world
-    return Launch(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world, local_world, "slurm",
-                  addr, port)
+        step = _env_int(env, "SLURM_STEP_ID", 0, hint=hint) if "SLURM_STEP_ID" in env else 0
+        port = str(slurm_port(_env_int(env, "SLURM_JOB_ID", 0, hint=hint), step))
+    per_node_name = "SLURM_STEP_TASKS_PER_NODE" if env.get("SLURM_STEP_TASKS_PER_NODE") else "SLURM_TASKS_PER_NODE"
+    per_node = tasks_per_node(env.get(per_node_name, ""))
+    node = _env_int(env, "SLURM_NODEID", 0, hint=hint) if "SLURM_NODEID" in env else 0
+    if per_node and node >= len(per_node):
+        raise UserError(f"SLURM_NODEID={node} is out of range for {per_node_name}={env[per_node_name]}: it must be "
+                        f"0..{len(per_node) - 1} ({hint})")
+    local_world = per_node[node] if per_node else world
+    local_rank = _env_int(env, "SLURM_LOCALID", 0, local_world, per_node_name if per_node else
+                          "SLURM_STEP_NUM_TASKS", hint) if "SLURM_LOCALID" in env else 0
+    return Launch(rank, local_rank, world, local_world, "slurm", addr, port)
 
 
-def slurm_port(job_id):
-    """The rendezvous port of a Slurm job without MASTER_PORT: 10000 + job id % 20000, so 10000-29999.
-    Every task of the job computes the same one, two jobs sharing a node differ unless their ids are 20000
-    apart, and it stays below Linux's ephemeral ports (32768 and up), which outgoing connections take."""
-    return 10000 + job_id % 20000
+# Steps of one job are spread over the port range by this prime: step s of job j never takes the port of step 0
+# of a job less than ~400 ids away (job arrays and a user's consecutive jobs share nodes), for s < 10.
+STEP_PORT_STRIDE = 7919
+
+
+def slurm_port(job_id, step_id=0):
+    """The rendezvous port of a Slurm job step without MASTER_PORT: 10000 + (job id + 7919 x step id) % 20000,
+    so 10000-29999. Every task of the step computes the same one; two steps of one job (two sruns running
+    side by side in one allocation) differ; two jobs sharing a node differ unless their ids are 20000 apart
+    (for step 0, the usual one, the port is 10000 + job id % 20000); and it stays below Linux's ephemeral
+    ports (32768 and up), which outgoing connections take."""
+    return 10000 + (job_id + STEP_PORT_STRIDE * step_id) % 20000
 
 
 def tasks_per_node(text):
@@ -219,9 +265,18 @@ def init_distributed(launch, device, backend, dist_url="env://", timeout_s=600, 
         message = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "EADDRINUSE" in message or "address already in use" in message.lower():  # rank 0 hosts the store
             port = port if dist_url == "env://" else dist_url.rsplit(":", 1)[-1]
-            slurm = " (Slurm launches without it use 10000 + SLURM_JOB_ID % 20000)" if launch.style == "slurm" else ""
+            if launch.style == "slurm":
+                # Rank 0 hosts the rendezvous: besides another job, a second task that also says it is rank 0
+                # (a SLURM_PROCID set by hand in the command srun runs, or a task of another step given the same
+                # variables) finds the port taken by the first.
+                raise UserError(f"the rendezvous port {port} is already in use on this machine, and this task "
+                                f"(SLURM_PROCID={launch.rank}) must host it: another task claims rank {launch.rank} "
+                                f"too and holds the rendezvous (is SLURM_PROCID set by hand? srun gives each task "
+                                f"its own), or another job or a run still exiting holds the port; otherwise set "
+                                f"MASTER_PORT to a free port (Slurm launches without it use 10000 + (SLURM_JOB_ID "
+                                f"+ {STEP_PORT_STRIDE} x SLURM_STEP_ID) % 20000)") from None
             raise UserError(f"the rendezvous port {port} is already in use on this machine (another job, or a run "
-                            f"still exiting): set MASTER_PORT to a free port{slurm}") from None
+                            f"still exiting): set MASTER_PORT to a free port") from None
         raise UserError(f"could not join the process group ({backend}, {where}, rank {launch.rank}/"
                         f"{launch.world_size}): {message}") from None
 
@@ -491,6 +546,7 @@ class Run:
     local_world_size: int = 1
     local_batch: int = 128
     workers: int = 0
+    workers_from: str = ""        # where `workers` came from, for the log: "SLURM_CPUS_PER_TASK=12", "--workers 8"
     channels_last: bool = False
     resume: str = ""              # --resume, or "auto" in a job its launcher started again
 
@@ -528,16 +584,54 @@ def setup(args, job, log=print):
                          control_timeout_s=args.dist_timeout + (args.data_timeout or 0))
         args.output_dir = broadcast_from_main(args.output_dir)
     # --workers is per machine, shared among its ranks (the original's rule: ceil(workers / ranks per node)).
-    workers = default_workers(job.local_world_size) if args.workers is None else \
-        -(-args.workers // job.local_world_size)
+    workers, workers_from = default_workers(job.local_world_size, launcher=job.style) if args.workers is None else \
+        (-(-args.workers // job.local_world_size), f"--workers {args.workers}" + (
+            f" / {job.local_world_size} ranks on this node" if job.local_world_size > 1 else ""))
     return Run(device=device, rank=job.rank, local_rank=job.local_rank, world_size=job.world_size,
                local_world_size=job.local_world_size, local_batch=args.batch_size // job.world_size,
-               workers=workers, resume=args.resume or ("auto" if restart_count() else ""),
+               workers=workers, workers_from=workers_from, resume=args.resume or ("auto" if restart_count() else ""),
                channels_last=device.channels_last_default if args.channels_last is None else args.channels_last)
 
 
-def default_workers(local_world_size=1):
-    """The cores this process may use, shared among the ranks on this machine, minus one per rank for the
-    trainer itself. No fixed cap: a 16-core single-GPU box needs ~15 decoders to feed DenseNet-201 at bf16."""
+def default_workers(local_world_size=1, env=None, launcher="single"):
+    """(loader workers for this process, where that number came from): the CPUs that are this process's
+    share, minus one for the trainer itself. No fixed cap: a 16-core single-GPU box needs ~15 decoders to feed
+    DenseNet-201 at bf16.
+
+    The share depends on who started the process (`launcher`, a Launch.style):
+    - an srun task ("slurm") has a share of its own: SLURM_CPUS_PER_TASK when set (--cpus-per-task: what
+      Slurm allocated to each task), else its CPU affinity when srun bound it to fewer CPUs than the node
+      has for the job (SLURM_CPUS_ON_NODE, else the machine's); never more than its affinity. A task that
+      srun did not bind (it sees all the job's CPUs on the node, as with a cgroup alone) shares them with the
+      other tasks on its node;
+    - ranks that one launcher started (torchrun, the original's RANK_ID, a single process) inherit one
+      affinity: its CPUs are shared by the local_world_size ranks on the machine. (SLURM_CPUS_PER_TASK is
+      then the launcher's task's share, which the affinity already reflects, and not this process's.)
+    Dividing the node's CPUs by its ranks under srun gave 8 tasks bound to 12 CPUs each 12 // 8 - 1 = 0
+    workers. `env`: default os.environ; a SLURM_CPUS_PER_TASK or SLURM_CPUS_ON_NODE that is no positive
+    integer is a UserError."""
+    env = os.environ if env is None else env
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, cores // max(1, local_world_size) - 1)
+    ranks = max(1, local_world_size)
+    shared = (max(0, cores // ranks - 1), f"{_cpus(cores)} / {ranks} {'tasks' if launcher == 'slurm' else 'ranks'} "
+                                          f"on this node" if ranks > 1 else _cpus(cores))
+    if launcher != "slurm":
+        return shared
+    if "SLURM_CPUS_PER_TASK" in env:
+        per_task = _env_int(env, "SLURM_CPUS_PER_TASK", 1, hint="srun's --cpus-per-task: the CPUs of each task")
+        if per_task <= cores:
+            return per_task - 1, f"SLURM_CPUS_PER_TASK={per_task}"
+        return cores - 1, f"SLURM_CPUS_PER_TASK={per_task}, but this task is bound to {_cpus(cores)}"
+    if "SLURM_CPUS_ON_NODE" in env:
+        node = _env_int(env, "SLURM_CPUS_ON_NODE", 1, hint="Slurm's CPUs for the job on this node")
+        of = f"{node} for the job on this node"
+    else:
+        node = os.cpu_count() or cores
+        of = f"{node}"
+    if cores < node:
+        return cores - 1, f"this task is bound to {_cpus(cores)} of {of}"
+    return shared
+
+
+def _cpus(n):
+    return f"{n} CPU{'s' if n != 1 else ''}"
