@@ -273,7 +273,7 @@ def report_compute(args, b, configs, rates, ref_labels):
 # ----------------------------------------------------------------------------
 
 def section_e2e(args, device, memory, root):
-    workers = launch_lib.default_workers(1) if args.workers is None else args.workers
+    workers = launch_lib.default_workers(1)[0] if args.workers is None else args.workers
     b = args.batch_size
     out(f"== e2e: {args.model} {args.image_size}, batch {b}, real JPEGs from {root} with {workers} "
         f"DataLoader worker(s) vs synthetic, 1 process, {device.describe()} ==")

@@ -197,10 +197,11 @@ def configure_backends(device, deterministic=False):
         torch.npu.set_compile_mode(jit_compile=False)
 
 
-def set_threads_per_rank(device, local_world_size):
-    """Ranks on one machine share its cores: oversubscribed OpenMP threads slow CPU training many-fold."""
-    if device.type == "cpu" and local_world_size > 1 and "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+def set_threads_per_rank(device, cpus):
+    """At most `cpus` threads (this rank's share of the machine: launch.default_workers): ranks on one machine
+    share its cores, and oversubscribed OpenMP threads slow CPU training many-fold. OMP_NUM_THREADS wins."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and cpus < torch.get_num_threads():
+        torch.set_num_threads(max(1, cpus))
 
 
 def prepare_collectives(backend):

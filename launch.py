@@ -573,7 +573,8 @@ def setup(args, job, log=print):
         device_ids = [args.device_id]
     device = device_lib.resolve_device(args.device, job.local_rank, device_ids)
     device_lib.configure_backends(device, args.deterministic)
-    device_lib.set_threads_per_rank(device, job.local_world_size)
+    share, _ = default_workers(job.local_world_size, launcher=job.style)
+    device_lib.set_threads_per_rank(device, share + 1)  # this rank's CPUs: the node's, or the srun task's own
     if distributed:
         if args.sync_bn:
             device_lib.check_sync_bn(device)

@@ -76,7 +76,9 @@ def main(args, stop=None):
     amp = device_lib.build_mixed_precision(args, run.device)  # before any data is read: a missing apex fails fast
     log(f"Device: {run.device.describe()}; world size {run.world_size}; "
         + (f"global batch {args.batch_size} = {run.world_size} x {run.local_batch}" if run.distributed
-           else f"batch {args.batch_size}") + f"; workers {run.workers} per process")
+           else f"batch {args.batch_size}") + f"; workers {run.workers} per process ({run.workers_from})")
+    if launch.restart_count():
+        log(f"Attempt {launch.restart_count() + 1}: the launcher started this job again; it resumes by itself")
     if taken:
         log(f"Preprocessing from {found.path} (the flags were not given): "
             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()))

@@ -215,6 +215,16 @@ except ChildFailedError as e:
 if [ "$DEFAULT_RANK_SIZE" = 1 ]; then RANK_SIZE=1; else RANK_SIZE=${RANK_SIZE:-$DEFAULT_RANK_SIZE}; fi
 NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
+for var in RANK_SIZE NNODES NODE_RANK ${MAX_RESTARTS:+MAX_RESTARTS}; do  # before a shell test misreads them
+    case "${!var}" in
+        ''|*[!0-9]*) say_err "error: $var='${!var}' is not a whole number (see the header of $(basename "$0"))"; exit 2 ;;
+    esac
+done
+if [ "$RANK_SIZE" -lt 1 ] || [ "$NNODES" -lt 1 ] || [ "$NODE_RANK" -ge "$NNODES" ]; then
+    say_err "error: RANK_SIZE=$RANK_SIZE NNODES=$NNODES NODE_RANK=$NODE_RANK: need RANK_SIZE >= 1, NNODES >= 1 and" \
+            "NODE_RANK < NNODES"
+    exit 2
+fi
 [ -n "$device_id" ] && ASCEND_DEVICE_ID=$device_id      # --device_id=N: that device, output/N/ (as the original)
 ASCEND_DEVICE_ID=${ASCEND_DEVICE_ID:-0}
 if [ "$RANK_SIZE" -gt 1 ] || [ "$NNODES" -gt 1 ]; then

@@ -25,6 +25,7 @@ import data  # noqa: E402
 import decode  # noqa: E402
 import densenet  # noqa: E402
 import config  # noqa: E402
+import launch  # noqa: E402
 import engine  # noqa: E402
 import stop as stop_lib  # noqa: E402
 import main  # noqa: E402
@@ -378,12 +379,14 @@ def test_loader_settings(monkeypatch):
     in_process = data.make_loader(ds, None, 2, 0, False, 0)
     assert in_process.prefetch_factor is None and not in_process.persistent_workers and not in_process.pin_memory
     # Default workers: the cores this process may use, shared among the ranks on the machine, never negative.
-    assert data.default_workers(1) >= data.default_workers(2) >= 0
+    def workers(ranks):
+        return launch.default_workers(ranks)[0]
+    assert workers(1) >= workers(2) >= 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert data.default_workers(1) == 31  # no cap at 8: a 32-core single-GPU box feeds the GPU with 31 decoders
-    assert data.default_workers(1) > data.default_workers(2) > data.default_workers(8) > 0
+    assert workers(1) == 31  # no cap at 8: a 32-core single-GPU box feeds the GPU with 31 decoders
+    assert workers(1) > workers(2) > workers(8) > 0
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert data.default_workers(1) == 0 and data.default_workers(4) == 0  # one core: load in the trainer
+    assert workers(1) == 0 and workers(4) == 0  # one core: load in the trainer
 
 
 def test_benchmark_times_the_trainers_step_and_the_stop_agreement():

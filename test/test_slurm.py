@@ -722,8 +722,6 @@ def test_two_tasks_claiming_rank_0_are_told_so(data, tmp_path):
     assert second.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason="test/common.sh (not editable in this change) must check RANK_SIZE as a "
-                                       "number before use: the fix is in the change's report")
 def test_8p_launcher_with_an_unreadable_rank_size_is_one_line(data, tmp_path):
     # Old: the shell's "integer expression expected", then 1 process trained with the 8-device recipe, exit 0.
     out = tmp_path / "out"
@@ -807,12 +805,7 @@ def run_across_a_time_limit(data, init, tmp_path, batch, epochs, signal_after):
     return first, second, baseline, job_id, root, base_root
 
 
-@pytest.mark.parametrize("where", [
-    "epoch end",
-    pytest.param("mid-epoch", marks=pytest.mark.xfail(
-        strict=True, reason="WIP engine redesign: checkpoint.resume reads args.restart_epoch, which config.py no "
-                            "longer defines, so a mid-epoch checkpoint cannot be resumed (AttributeError)")),
-])
+@pytest.mark.parametrize("where", ["epoch end", "mid-epoch"])
 def test_sbatch_requeues_itself_across_a_time_limit_and_finishes_as_if_uninterrupted(data, data24, init_weights,
                                                                                    tmp_path, where):
     # Old: the script said "submit again with --resume auto" and stopped: nothing continued unattended.
