@@ -186,7 +186,7 @@ class Feed:
 
 def smallest_batch(crop_size):
     """The fewest images a rank can train a step on. BatchNorm needs two values per channel: one image is enough
-    unless DenseNet's last feature map is 1x1 (crops under 64 px, e.g. 32), where it needs two. (Stem conv and
+    unless DenseNet's last feature map is 1x1 (crops of 60 px or less), where it needs two. (Stem conv and
     max-pool round up, the three transitions' average pools round down.)"""
     side = -(-(-(-crop_size // 2)) // 2) // 8
     return 2 if side <= 1 else 1

@@ -224,7 +224,7 @@ def test_preempted_mid_epoch_then_resume_auto_is_bit_identical(data48, reference
     if workers == 0:  # another batch size would skip next_step * (new batch) samples: refused, file untouched
         before = (tmp_path / "checkpoint.pth").read_bytes()
         other = run_main([*args, "--resume", "auto", "-b", "8"], env=ENV)
-        assert_one_line_error(other, f"saved mid-epoch (step {s}) with --batch-size 4")
+        assert_one_line_error(other, f"saved mid-epoch (epoch 0, step {s}) with --batch-size 4")
         assert (tmp_path / "checkpoint.pth").read_bytes() == before
 
     resumed = run_main([*args, "--resume", "auto"], env=ENV)
@@ -320,7 +320,10 @@ def test_max_bad_images_stops_with_one_line_error(bad_data, tmp_path):
     errors = [l for l in lines if not l.startswith("WARNING: skipped unreadable image")]
     assert len(errors) == 1 and errors[0].startswith("error: more than --max-bad-images 1"), proc.stderr
     assert 2 <= len(lines) - 1 <= 3  # the files that went over the limit are each named once
-    assert not (tmp_path / "checkpoint.pth").exists()
+    # The steps trained before are kept (the data set can be fixed and the run resumed), as for any stop.
+    assert "checkpoint saved to" in errors[0] and "resume with --resume auto" in errors[0], errors[0]
+    position = load(tmp_path / "checkpoint.pth")["position"]
+    assert position["epoch"] == 0 and position["step"] >= 1
 
 
 # ----------------------------------------------------------------------------

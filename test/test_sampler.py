@@ -72,13 +72,15 @@ def test_resume_with_padding_misses_nothing():
     assert sum(used.values()) - 13 < 3  # only the padding repeats
 
 
-def test_fresh_epoch_shards_are_distributed_samplers():
-    # No resume: exactly torch's DistributedSampler (same permutation, same padding), as before this change.
+def test_fresh_epoch_shards_are_distributed_samplers_without_the_padding():
+    # No resume: torch's DistributedSampler's shards (the same permutation, rank r every W-th), without the
+    # samples it repeats to pad the epoch to a multiple of W: each image once per epoch.
     for n, world in ((12, 2), (13, 2), (13, 3), (5, 4)):
         for rank, keys in enumerate(shards(n, world)):
             reference = torch.utils.data.DistributedSampler(range(n), world, rank, shuffle=True, seed=SEED)
             reference.set_epoch(3)
-            assert [index for _, index, _ in keys] == list(reference)
+            assert [index for _, index, _ in keys] == list(reference)[:len(range(rank, n, world))]
+        assert sorted(index for keys in shards(n, world) for _, index, _ in keys) == list(range(n))
 
 
 def test_same_rank_count_resume_is_the_rest_of_each_shard():
@@ -94,7 +96,7 @@ def test_epoch_length_is_one_pass_of_the_data():
     for repeats in (1, 3):
         sampler = data.ResumableDistributedSampler(50, 4, 1, SEED, repeats=repeats)
         assert sampler.epoch_length() == 50
-        sampler.set_epoch(0, 48)  # 2 left for 4 ranks: padded, one each
+        sampler.set_epoch(0, 48)  # 2 left for 4 ranks: ranks 0 and 1 take one each, 2 and 3 none
         assert len(sampler) == 1 and len(list(sampler)) == 1
         sampler.set_epoch(0, 52)  # past the end (the last step was padded): nothing left
         assert len(sampler) == 0 and list(sampler) == []
