@@ -194,7 +194,8 @@ class Position:
             p = ckpt["position"]
             return Position(int(p["epoch"]), int(p.get("step", 0)), bool(p.get("evaluated", True)), p.get("order"))
         if "next_epoch" in ckpt:
-            return Position(int(ckpt["next_epoch"]), int(ckpt.get("next_step", 0)), ckpt.get("evaluated", True) is not False)
+            return Position(int(ckpt["next_epoch"]), int(ckpt.get("next_step", 0)),
+                            ckpt.get("evaluated", True) is not False)
         return Position(int(ckpt.get("epoch", -1)) + 1)
 
     def describe(self):

@@ -6,6 +6,7 @@ import difflib
 import errno
 import sys
 
+EXIT_FAILED = 1           # a failure the run survived (a dead loader, a lost peer): checkpoint saved (stop.py)
 EXIT_USER_ERROR = 2       # bad input: arguments, files, dataset, device, environment
 EXIT_NUMERICAL_ERROR = 3  # the loss went non-finite: stopped without touching the last good checkpoint
 EXIT_PREEMPTED = 75       # EX_TEMPFAIL, "try again later": stopped by a signal, resume with --resume auto

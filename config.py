@@ -237,14 +237,14 @@ def check_image_sizes(args):
 
 def resolve_preprocessing(args, recorded=None):
     """Fill in the preprocessing flags not given: from `recorded` (the checkpoint's saved configuration, when
-    the run resumes it or evaluates it), else the defaults. Returns {flag: value} of what came from the
-    checkpoint, for the log. Called once, before the data is built; args is not changed after it."""
+    the run resumes it or evaluates it), else the defaults. Returns {flag: value} of what the checkpoint changed
+    from the defaults, for the log. Called once, before the data is built; args is not changed after it."""
     taken = {}
     for name, default in DEFAULT_PREPROCESSING.items():
         if getattr(args, name) is not None:
             continue
         value = (recorded or {}).get(name)
-        if value is not None and (name != "interpolation" or value in INTERPOLATIONS):
+        if value is not None and value != default and (name != "interpolation" or value in INTERPOLATIONS):
             taken[name] = value
         setattr(args, name, taken.get(name, default))
     check_image_sizes(args)

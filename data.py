@@ -463,9 +463,10 @@ class Data(NamedTuple):
         return {"seed": seed, "images": len(self.train_files), "digest": digest}
 
 
-def build(args, run):
+def build(args, run, found=None):
     """The training and validation loaders of this rank (SyntheticLoader for --synthetic), with the data set's
-    warnings (classes without images, repeated files) and its one-line description."""
+    warnings (classes without images, repeated files) and its one-line description. `found`: the data set's
+    layout.Layout when main.preflight has read it already."""
     if args.synthetic:
         classes = [str(i) for i in range(args.num_classes or 1000)]
         loader = SyntheticLoader(run.local_batch, args.train_crop_size, len(classes), args.max_steps or 100,
@@ -476,7 +477,7 @@ def build(args, run):
             "is scanned at start-up (seconds), and the original's cache held a pickled dataset object")
     check_shared_memory(run.workers, run.local_batch, max(args.train_crop_size, args.val_crop_size),
                         run.local_world_size)
-    found = find_layout(args.data_path)  # class folders, the Kaggle download, or a flat val/
+    found = found or find_layout(args.data_path)  # class folders, the Kaggle download, or a flat val/
     train_set = train_dataset(found.train_root, args.train_crop_size, args.interpolation, args.crop_scale,
                               args.hflip_prob, args.auto_augment, args.ra_magnitude, args.augmix_severity,
                               args.random_erase, fast_decode=args.fast_decode, seed=args.seed)

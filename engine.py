@@ -192,10 +192,10 @@ def smallest_batch(crop_size):
     return 2 if side <= 1 else 1
 
 
-def agree(stop, batch, smallest):
+def agree(stop, batch, smallest, where):
     """Start the agreement of the step that trains `batch` (None: this rank has no batch)."""
     images = 0 if batch is None else len(batch.targets)
-    return stop.agreement(images, few=images < smallest)
+    return stop.agreement(images, few=images < smallest, where=where)
 
 
 # ----------------------------------------------------------------------------
@@ -258,9 +258,13 @@ class Progress:
             self.window = Window()
 
     def stopped(self, code, step, partial):
-        """The Stopped for an agreed stop before `step`: the sums of the whole epoch so far (all ranks)."""
+        """The Stopped for an agreed stop before `step`, with the sums of the whole epoch so far (all ranks); when
+        this attempt has trained nothing yet, there is nothing new to save."""
         check_finite(self.first_bad_step, self.epoch)
         sums = [a + b for a, b in zip(self.meter.sums(all_ranks=True), partial or [0, 0, 0, 0])]
+        trained = launch.all_reduce([self.trained], op="max")[0]
+        if not trained:
+            return Stopped(code, f"at epoch {self.epoch} step {step}", untrained=True)
         return Stopped(code, f"at epoch {self.epoch} step {step}", position=(self.epoch, step), partial=sums)
 
     def finish(self, partial):
@@ -282,7 +286,7 @@ class Progress:
         record = {"lr": self.trainer.optimizer.param_groups[0]["lr"], "train_loss": loss_mean, "train_acc1": acc1,
                   "train_acc5": acc5, "fps": fps, "epoch_fps": epoch_fps, "epoch_time": elapsed, "images": seen,
                   "unreadable_images": n_bad, "last_loss": float(self.last_loss),
-                  "first_step_time": self.first_step_time}
+                  "first_step_time": self.first_step_time, "steps": self.steps}
         if self.start_step:
             record["resumed"] = True  # and, when `partial` was saved, the metrics cover both attempts
         return record
@@ -299,7 +303,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
     guard = BufferGuard(trainer.model_without_ddp) if launch.is_dist() else None
     smallest = smallest_batch(args.train_crop_size)
     batch = feed.next(start_step)
-    agreed = agree(stop, batch, smallest)
+    agreed = agree(stop, batch, smallest, f"epoch {epoch} step {start_step}")
     progress.window.data_time += time.perf_counter() - progress.start
     step = start_step
     try:
@@ -309,7 +313,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
                 raise progress.stopped(agreement.code, step, partial)
             fetch_start = time.perf_counter()
             following = feed.next(step + 1) if step + 1 < steps else None
-            agreed = agree(stop, following, smallest) if step + 1 < steps else None
+            agreed = agree(stop, following, smallest, f"epoch {epoch} step {step + 1}") if step + 1 < steps else None
             progress.window.data_time += time.perf_counter() - fetch_start
             n = train_step(trainer, batch, agreement, progress, guard, stop, epoch + step / progress.steps, step)
             progress.counted(step, n)
@@ -422,13 +426,13 @@ def evaluate(model, loader, trainer, args, stop, log_prefix="", epoch=None):
     feed = Feed(loader, stop, args.data_timeout, lambda k: f"validation data (batch {k + 1} of {steps})")
     start, n_bad = time.perf_counter(), 0
     batch = feed.next(0)
-    agreed = agree(stop, batch, 0)
+    agreed = agree(stop, batch, 0, what)
     for step in range(steps):
         agreement = agreed()
         if agreement.code is not None:
             raise Stopped(agreement.code, f"during {what}", then=" (it evaluates that epoch first)", evaluating=True)
         following = feed.next(step + 1) if step + 1 < steps else None
-        agreed = agree(stop, following, 0) if step + 1 < steps else None
+        agreed = agree(stop, following, 0, what) if step + 1 < steps else None
         for path, reason in batch.bad if batch is not None else ():
             warn(f"skipped unreadable validation image {path} ({reason})")
         n_bad += len(batch.bad) if batch is not None else 0

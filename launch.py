@@ -334,13 +334,16 @@ def lost_peer(error, where):
 
 
 @contextlib.contextmanager
-def collective(where):
-    """Around collectives: a peer failure becomes PeerLost (one line), anything else passes."""
+def collective(where, position=None):
+    """Around collectives: a peer failure becomes PeerLost (one line; `position`: where training stands, when
+    the state then is worth saving), anything else passes."""
     try:
         yield
     except Exception as e:
         if is_dist() and is_peer_failure(e):
-            raise lost_peer(e, where) from None
+            lost = lost_peer(e, where)
+            lost.position = lost.position or position
+            raise lost from None
         raise
 
 
@@ -354,17 +357,17 @@ def wait(work):
     work.wait()  # raises the collective's error, if any
 
 
-def sum_async(values, convert=list):
+def sum_async(values, convert=list, where="a step boundary"):
     """Sum a list of host integers over all ranks, started now: a function that waits for the result and returns
     convert(sums). The small collective then runs while the caller works (a training step), off its critical
-    path."""
+    path. `where`: what a PeerLost says the ranks were doing ("epoch 2 step 141")."""
     t = torch.tensor(values, dtype=torch.int64)
     if not is_dist():
         return lambda: convert(t.tolist())
     work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_control_group, async_op=True)
 
     def result():
-        with collective("a step boundary"):
+        with collective(where):
             wait(work)
         return convert(t.tolist())
     return result
@@ -398,17 +401,17 @@ def interruptibly(fn, *args, **kwargs):
     return outcome.get("value")
 
 
-def rank0_writes(write, what):
+def rank0_writes(write, what, where="a save"):
     """Rank 0 runs write() (a file write that may raise UserError); then a barrier that is also the outcome:
     every rank learns whether it succeeded, so no rank goes on, or exits, before the file is durable, and a
-    failed write stops every rank with one line."""
+    failed write stops every rank with one line. `where`: as for sum_async."""
     error = None
     if is_main_process():
         try:
             write()
         except UserError as e:
             error = e
-    (failed,) = sum_async([int(error is not None)])()
+    (failed,) = sum_async([int(error is not None)], where=where)()
     if error is not None:
         raise error
     if failed:

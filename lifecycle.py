@@ -164,26 +164,39 @@ class Stream:
         self._stream = stream   # the original, for attributes nobody writes through (isatty, encoding, ...)
         self._fd = fd           # 1 or 2
         self._lock = threading.RLock()  # reentrant: a signal handler may print while the main thread is in write()
+        self._partial = ""      # the end of a line not written yet: lines go out whole, as line buffering does,
+                                # so that processes sharing a terminal or the log (the ranks) do not mix lines
 
     def write(self, text):
         if not isinstance(text, str):
             text = str(text)
-        data = text.encode(ENCODING, "backslashreplace")
         with self._lock:
-            if _log["fd"] is not None:
-                try:
-                    _write_all(_log["fd"], data)
-                except OSError as e:
-                    log_failed(e)
-            _terminal.put(_saved_fds.get(self._fd, self._fd), data)
+            self._partial += text
+            cut = self._partial.rfind("\n") + 1
+            if cut:
+                whole, self._partial = self._partial[:cut], self._partial[cut:]
+                self._emit(whole)
         return len(text)
+
+    def _emit(self, text):
+        data = text.encode(ENCODING, "backslashreplace")
+        if _log["fd"] is not None:
+            try:
+                _write_all(_log["fd"], data)
+            except OSError as e:
+                log_failed(e)
+        _terminal.put(_saved_fds.get(self._fd, self._fd), data)
 
     def writelines(self, lines):
         for line in lines:
             self.write(line)
 
     def flush(self):
-        pass  # every write is already out of this process's buffers, or queued for the terminal
+        """Out with a line not ended yet (print(..., end="", flush=True)); whole lines are out already."""
+        with self._lock:
+            if self._partial:
+                text, self._partial = self._partial, ""
+                self._emit(text)
 
     @property
     def dead(self):
@@ -251,6 +264,9 @@ def capture_output(path):
 def close_output(timeout=2.0):
     """Before the process ends: give the terminal at most `timeout` seconds to take what is queued for it.
     The log needs nothing: every line is in the file already. Safe to call twice."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, Stream):
+            stream.flush()
     with contextlib.suppress(Exception):
         import ctypes
         ctypes.CDLL(None).fflush(None)  # C stdio buffers (native libraries' printf)

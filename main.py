@@ -65,14 +65,14 @@ def main(args, stop=None):
     job = launch.job_of(args)
     config.validate_args(args, job.world_size)
     stop.doing = "the dataset scan"
-    preflight(args, job)
+    found_layout = preflight(args, job)
     stop.doing = "joining the process group"
     run = launch.setup(args, job, log=log)
     utils.seed_everything(args.seed + run.rank)
     launch.record_peers()  # every rank's host and pid: a rank that dies can be named
     stop.doing = "resume"
     found = checkpoint.read_resume_checkpoint(run.resume, args.output_dir)
-    taken = config.resolve_preprocessing(args, found.config if found else None)
+    taken = config.resolve_preprocessing(args, found.config if found else None)  # (only those not the defaults)
     amp = device_lib.build_mixed_precision(args, run.device)  # before any data is read: a missing apex fails fast
     log(f"Device: {run.device.describe()}; world size {run.world_size}; "
         + (f"global batch {args.batch_size} = {run.world_size} x {run.local_batch}" if run.distributed
@@ -83,7 +83,7 @@ def main(args, stop=None):
         log(f"Preprocessing from {found.path} (the flags were not given): "
             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()))
     stop.doing = "the dataset scan"
-    data = data_lib.build(args, run)
+    data = data_lib.build(args, run, found_layout)
     num_classes = args.num_classes or len(data.classes)
     launch.check_ranks_agree(ranks_must_agree(args, run, amp, data, num_classes))
     stop.doing = "the model build"
@@ -123,7 +123,8 @@ def train(args, run, data, trainer, start, stop):
             for epoch in range(start.epoch, args.epochs):
                 first = epoch == start.epoch
                 stats = train_epoch(args, data, trainer, stop, epoch, start if first else None)
-                trainer.sync_buffers()  # every rank evaluates, and rank 0 saves, the same BatchNorm statistics
+                with launch.collective(f"the end of epoch {epoch}", position=(epoch, stats["steps"])):
+                    trainer.sync_buffers()  # every rank evaluates, and rank 0 saves, the same BatchNorm statistics
                 with stop.saving():  # the epoch's training is on disk before its evaluation starts
                     saver.save((epoch + 1, 0), pending=stats)
                 stop.agree_now(f"at the end of epoch {epoch}", then=f" (it evaluates epoch {epoch} first)")
@@ -199,12 +200,13 @@ class Saver:
         if writer:
             write()
         else:
-            launch.rank0_writes(write, self.path)
+            launch.rank0_writes(write, self.path, where=f"epoch {at[0]} step {at[1]}")
 
 
 def preflight(args, job):
-    """What the file system can tell before any work: files that must exist, the data set's layout, and the
-    output folder, which rank 0 resolves, checks and locks here (a busy folder costs nothing). One line."""
+    """What the file system can tell before any work: files that must exist, the data set's layout (returned,
+    so that it is scanned once), and the output folder, which rank 0 resolves, checks and locks here (a busy
+    folder costs nothing). One line."""
     rank0 = job.rank == 0
     if args.resume not in ("", "auto") and rank0:  # only rank 0 reads it (and sends it on)
         if os.path.isdir(args.resume):
@@ -220,11 +222,10 @@ def preflight(args, job):
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    if not args.synthetic:
-        classes = layout.check_dataset_layout(args.data_path)
-        if args.num_classes is not None and args.num_classes < len(classes):
-            raise UserError(f"--num_classes {args.num_classes} is smaller than the {len(classes)} class folders "
-                            f"in {args.data_path}/train; drop it or give at least {len(classes)}")
+    found = None if args.synthetic else layout.find_layout(args.data_path)
+    if found is not None and args.num_classes is not None and args.num_classes < len(found.classes):
+        raise UserError(f"--num_classes {args.num_classes} is smaller than the {len(found.classes)} class folders "
+                        f"in {args.data_path}/train; drop it or give at least {len(found.classes)}")
     # From here on args.output_dir is the run's folder (never changed again; the other ranks get rank 0's).
     given = args.output_dir is not None
     args.output_dir, where = rundir.resolve_output_dir(args.output_dir, args.model, args.resume == "auto", rank0)
@@ -237,6 +238,7 @@ def preflight(args, job):
     if rank0:
         rundir.prepare_output_dir(args.output_dir, args.overwrite, args.resume, args.test_only,
                                   launch.restart_count() > 0)
+    return found
 
 
 def ranks_must_agree(args, run, amp, data, num_classes):

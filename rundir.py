@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import stat
 import time
 
 import launch
@@ -339,6 +340,8 @@ def _rows_before(path, epoch):
     """The lines of metrics.jsonl for epochs before `epoch`, or None when no line is for `epoch` or later
     (the common case: a plain append)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # not a file to rewrite (a device: the append below says what happens)
         with open(path, "rb") as f:
             lines = f.readlines()
     except FileNotFoundError:
@@ -412,4 +415,5 @@ class RunRecord:
         utils.log(f"  best Acc@1     : {self.best_acc1:.3f}" + (f" (epoch {self.best_epoch})"
                                                                  if self.best_epoch is not None else ""))
         utils.log(f"  total time     : {utils.format_eta(time.time() - self.start_time)}")
-        utils.log(f"  mean FPS       : {sum(fps) / len(fps):.2f} img/s" if fps else "  mean FPS       : n/a")
+        utils.log(f"  mean FPS       : {sum(fps) / len(fps):.2f} img/s (the mean of the epochs' figures)" if fps
+                  else "  mean FPS       : n/a")

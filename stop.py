@@ -24,7 +24,7 @@ whichever rank it reaches, the ranks go through the same states:
       |                                     | --kill-on-bad-exit and torchrun, which stop the job when the first
       |                                     | task exits, can no longer interrupt the save
       v                                     v
-    DONE (0) -----------------------> EXIT with the most serious cause's code (EXIT_CODES), one line per rank
+    DONE (0) -----------------------> EXIT with the most serious cause's code (the table below), one line per rank
 
     A collective fails (a lost peer): no agreement is possible. On gloo the survivors take turns at the output
     folder's lock, and the first to hold it saves the step reached (rank 0 when it survived: it holds the lock
@@ -39,20 +39,20 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import cli
 import device as device_lib
 import launch
 import lifecycle
 import rundir
 from utils import log
 
-# The exit codes of a training process, in one table (the launchers and schedulers read them).
+# The exit codes of a training process, in one table (the launchers and schedulers read them). The values live in
+# cli.py, which the tools share and which imports no torch.
 DONE = 0
-FAILED = 1          # a failure the run survived (dead or stalled loader, lost peer): checkpoint saved, resume
-USER_ERROR = 2      # bad input: arguments, files, data set, device (cli.UserError)
-NUMERICAL = 3       # a non-finite loss: nothing written over the last good checkpoint
-PREEMPTED = 75      # EX_TEMPFAIL: stopped by a signal with the checkpoint saved; resume with --resume auto
-EXIT_CODES = {DONE: "done", FAILED: "failure survived", USER_ERROR: "user error", NUMERICAL: "non-finite loss",
-              PREEMPTED: "preempted"}
+FAILED = cli.EXIT_FAILED             # a failure the run survived (dead or stalled loader, lost peer): resume
+USER_ERROR = cli.EXIT_USER_ERROR     # bad input: arguments, files, data set, device (cli.UserError)
+NUMERICAL = cli.EXIT_NUMERICAL_ERROR  # a non-finite loss: nothing written over the last good checkpoint
+PREEMPTED = cli.EXIT_PREEMPTED       # EX_TEMPFAIL: stopped by a signal with the checkpoint saved; resume
 # (And 128 + the signal's number: stopped by a signal where there was nothing to save.)
 
 # Which cause wins when ranks stop for different ones: the one that needs the user's attention most.
@@ -90,10 +90,11 @@ class Stopped(Exception):
     with partial, the epoch's metric sums so far (all ranks); then: what a resumed run does first (for the
     log)."""
 
-    def __init__(self, code, where, position=None, partial=None, then="", evaluating=False):
+    def __init__(self, code, where, position=None, partial=None, then="", evaluating=False, untrained=False):
         super().__init__(where)
         self.code, self.where, self.position, self.partial, self.then = code, where, position, partial, then
         self.evaluating = evaluating  # stopped during an evaluation: the epoch's training is what is on disk
+        self.untrained = untrained    # stopped before this attempt trained a step: nothing new to save
 
 
 class Stop:
@@ -181,16 +182,17 @@ class Stop:
         self._previous = {}
 
     # -- boundaries ----------------------------------------------------------
-    def agreement(self, images, few=False):
+    def agreement(self, images, few=False, where="a step boundary"):
         """Start this boundary's agreement now (a step ahead of its use, so that it runs while the step before
         computes) and return a function that waits for it: Agreed. `images`: what this rank brings to the step;
-        few: too few to train on (the ranks then skip the step together)."""
+        few: too few to train on (the ranks then skip the step together); where: the boundary, for the line
+        that a lost peer becomes."""
         mine = self.cause.code if self.cause else None
-        return launch.sum_async([int(few), images, *(int(mine == code) for code in SEVERITY)], Agreed.of)
+        return launch.sum_async([int(few), images, *(int(mine == code) for code in SEVERITY)], Agreed.of, where)
 
     def agree_now(self, where, then=""):
         """A boundary with nothing to train or save (an epoch's end): raise Stopped if any rank asks."""
-        agreed = self.agreement(0)()
+        agreed = self.agreement(0, where=where)()
         if agreed.code is not None:
             raise Stopped(agreed.code, where, then=then)
 
@@ -202,15 +204,20 @@ class Stop:
         with self.saving():
             if stopped.position is not None:
                 saver.save(stopped.position, stopped.partial)  # collective, ends with a barrier
-        saved = f"the epoch's training is saved in {saver.path}" if stopped.evaluating else \
-            f"checkpoint saved to {saver.path}"
+        if stopped.untrained:
+            saved = "nothing trained yet in this attempt, nothing saved"
+        elif stopped.evaluating:
+            saved = f"the epoch's training is saved in {saver.path}"
+        else:
+            saved = f"checkpoint saved to {saver.path}"
         signals = sorted({c.reason for c in causes if c is not None and c.code == PREEMPTED})
+        resume = "" if stopped.untrained else f"; resume with --resume auto{stopped.then}"
         if stopped.code == PREEMPTED:
             by = "/".join(signals) + ("" if self.cause is not None else f" (to {describe_causes(causes)})")
-            log(f"Preempted by {by} {stopped.where}: {saved}; resume with --resume auto{stopped.then}")
+            log(f"Preempted by {by} {stopped.where}: {saved}{resume}")
         elif self.cause is not None and self.cause.code == stopped.code:
-            print(f"error: {self.cause.reason}; stopped {stopped.where}, {saved}: resume with --resume auto"
-                  f"{stopped.then}", file=sys.stderr, flush=True)
+            print(f"error: {self.cause.reason}; stopped {stopped.where}, {saved}{resume}", file=sys.stderr,
+                  flush=True)
         else:
             print(f"Stopped {stopped.where} with the other ranks ({describe_causes(causes)}); rank 0 {saved}",
                   flush=True)

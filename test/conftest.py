@@ -199,3 +199,44 @@ def one_error_line(stderr):
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     return lines[0]
+
+
+def recording_python(tmp_path):
+    """A PYTHON for the launchers that runs their own `python -c` checks for real but only records, in
+    started.txt, each other command line (main.py) instead of running it: whether a run began, and with what
+    main.py would have been given, in no time."""
+    started = tmp_path / "started.txt"
+    script = tmp_path / "python"
+    script.write_text(f'#!/bin/sh\ncase "$1" in -c) exec {sys.executable} "$@" ;; esac\n'
+                      f'printf "%s\\n" "$*" >> {started}\nexit 0\n')
+    script.chmod(0o755)
+    return script, started
+
+
+# Records each training sample the loader delivers, per rank (0 loader workers: in this process, in order).
+SAMPLE_LOG_WRAPPER = """
+import os, sys
+sys.path.insert(0, {repo!r})
+import data, main
+_getitem = data.ImageFolderDataset.__getitem__
+def __getitem__(self, key):
+    if isinstance(key, tuple):  # a training sample: (epoch, index, repeat)
+        with open(os.environ["SAMPLE_LOG"] + "." + os.environ.get("RANK", "0"), "a") as f:
+            f.write("%d\\n" % key[1])
+    return _getitem(self, key)
+data.ImageFolderDataset.__getitem__ = __getitem__
+sys.exit(main.run(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def data48(tmp_path_factory):
+    """48 training images of 3 learnable classes: 12 steps of a global batch of 4."""
+    return write_image_folder(tmp_path_factory.mktemp("data48") / "data", classes=3, train_per_class=16,
+                              val_per_class=2, size=32)
+
+
+def children(pid):
+    """The pids of a process's children (a trainer's loader workers)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]

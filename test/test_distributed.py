@@ -150,11 +150,12 @@ sys.path.insert(0, {repo!r})
 import torch
 import checkpoint
 import main
-_save = checkpoint.save_checkpoints
-def save_checkpoints(state, *args, **kwargs):
+_state = checkpoint.training_state
+def training_state(*args, **kwargs):  # (called on every rank; rank 0 writes the result)
+    state = _state(*args, **kwargs)
     torch.save(state["model"], os.path.join(os.environ["RANK_DUMP_DIR"], "rank%s.pth" % os.environ["RANK"]))
-    return _save(state, *args, **kwargs)
-checkpoint.save_checkpoints = save_checkpoints
+    return state
+checkpoint.training_state = training_state
 sys.exit(main.run(sys.argv[1:]))
 """
 

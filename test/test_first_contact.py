@@ -15,8 +15,8 @@ from importlib import metadata
 import pytest
 import torch
 
-from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_env, free_port, run_main, run_script,
-                      write_image_folder)
+from conftest import (REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_env, free_port, recording_python, run_main,
+                      run_script, write_image_folder)
 
 import cli
 import densenet
@@ -32,17 +32,6 @@ TINY = [*SMALL_RUN, "--model", "densenet121", "--batch-size", "8"]
 def data(tmp_path_factory):
     """3 classes x 8 training images: 3 steps an epoch at batch 8."""
     return write_image_folder(tmp_path_factory.mktemp("first_contact") / "data", size=32)
-
-
-def fake_python(tmp_path):
-    """A PYTHON for the launchers that runs the launcher's own `python -c` helpers but only records, in
-    started.txt, that main.py would have been started (and with what), so a test sees whether a run began."""
-    started = tmp_path / "started.txt"
-    script = tmp_path / "python"
-    script.write_text(f'#!/bin/sh\ncase "$1" in -c) exec {sys.executable} "$@" ;; esac\n'
-                      f'echo "$@" >> {started}\nexit 0\n')
-    script.chmod(0o755)
-    return script, started
 
 
 def logged_python(tmp_path):
@@ -87,7 +76,7 @@ def named_logs_exist(text):
                                               ("--learning_rate=0.1", "--lr 0.1"), ("--train_epochs=2", "--epochs=2")])
 def test_launcher_refuses_a_typo_before_anything_starts(data, tmp_path, typo, suggestion):
     # The old launcher warned "ignored launcher argument(s) ... --epoch=1" and started the 60-epoch run.
-    python, started = fake_python(tmp_path)
+    python, started = recording_python(tmp_path)
     root = tmp_path / "output"
     proc = run_script("train_full_1p.sh", [f"--data_path={data}", typo],
                       env=clean_env(PYTHON=python, OUTPUT_ROOT=root), timeout=120)
@@ -100,7 +89,7 @@ def test_launcher_refuses_a_typo_before_anything_starts(data, tmp_path, typo, su
 def test_launcher_ignores_only_the_modelzoo_harness_arguments(data, tmp_path):
     # The arguments ModelZoo's harness passes (listed in common.sh with where they come from) are ignored as
     # the original ignores them, with one note; main.py starts and never sees them.
-    python, started = fake_python(tmp_path)
+    python, started = recording_python(tmp_path)
     harness = ["--conda_name=py38", "--precision_mode=O2", "--profiling=False", "--over_dump=False",
                "--data_dump_flag=False", "--data_dump_step=10", "--bin_mode=1", "--fp32=True", "--hf32=True",
                "--ckpt_path=/x", "--batch_size=64"]

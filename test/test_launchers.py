@@ -15,8 +15,8 @@ import time
 
 import pytest
 
-from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_env, free_port, run_script, \
-    write_image_folder
+from conftest import REPO, SMALL_RUN, assert_ok, assert_one_line_error, clean_env, free_port, recording_python, \
+    run_script, write_image_folder
 
 import layout
 
@@ -113,17 +113,6 @@ def launchers():
     yield start
     for launcher in started:
         launcher.close()
-
-
-def recording_python(tmp_path):
-    """A PYTHON that runs the launcher's own `python -c` checks for real but only records, in started.txt, each
-    other command line (main.py) instead of running it: what main.py would have been given, in no time."""
-    started = tmp_path / "started.txt"
-    script = tmp_path / "python"
-    script.write_text(f'#!/bin/sh\ncase "$1" in -c) exec {sys.executable} "$@" ;; esac\n'
-                      f'printf "%s\\n" "$*" >> {started}\nexit 0\n')
-    script.chmod(0o755)
-    return script, started
 
 
 def main_calls(started):

@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, Proc, assert_ok, clean_env, free_port, load, metrics, one_error_line, \
+from conftest import REPO, SAMPLE_LOG_WRAPPER, SMALL_RUN, Proc, children, assert_ok, clean_env, free_port, load, metrics, one_error_line, \
     run_main, start_ranks, write_image_folder
 
 COMMON = ["--model", "densenet121", *SMALL_RUN, "--seed", "3", "--lr", "0.01"]
@@ -27,18 +27,6 @@ FAKE_SLURM = os.path.join(REPO, "test", "fake_slurm")
 def position(path):
     p = load(path)["position"]
     return p["epoch"], p["step"], p["evaluated"]
-
-
-@pytest.fixture(scope="module")
-def data48(tmp_path_factory):
-    """48 training images: 12 steps of a global batch of 4."""
-    return write_image_folder(tmp_path_factory.mktemp("stop") / "data", classes=3, train_per_class=16,
-                              val_per_class=2, size=32)
-
-
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
 
 
 def no_traceback(*procs):
@@ -343,22 +331,6 @@ def test_7_when_rank_0_is_lost_the_lowest_survivor_saves(data48, tmp_path):
 # 8, 15: the epoch's sample order across a resume
 # ----------------------------------------------------------------------------
 
-# Records each training sample the loader delivers, per rank (0 loader workers: in this process, in order).
-SAMPLE_LOG_WRAPPER = """
-import os, sys
-sys.path.insert(0, {repo!r})
-import data, main
-_getitem = data.ImageFolderDataset.__getitem__
-def __getitem__(self, key):
-    if isinstance(key, tuple):  # a training sample: (epoch, index, repeat)
-        with open(os.environ["SAMPLE_LOG"] + "." + os.environ.get("RANK", "0"), "a") as f:
-            f.write("%d\\n" % key[1])
-    return _getitem(self, key)
-data.ImageFolderDataset.__getitem__ = __getitem__
-sys.exit(main.run(sys.argv[1:]))
-"""
-
-
 def trained(prefix, ranks, steps=None, per_rank=None):
     samples = []
     for r in range(ranks):
@@ -377,12 +349,18 @@ def stop_at_step(args, out, wrapper, ranks=1, step=3, **env):
     return position(out / "checkpoint.pth")[1]
 
 
+def sample_logged(tmp_path, classes, per_class):
+    """An image folder, and a main.py wrapper that logs every training sample each rank loads."""
+    data = write_image_folder(tmp_path / "data", classes=classes, train_per_class=per_class, val_per_class=1, size=32)
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(SAMPLE_LOG_WRAPPER.format(repo=REPO))
+    return data, wrapper
+
+
 def test_8_one_rank_resumed_on_three_uses_every_image_once(tmp_path):
     # 44 images, global batch 12: the last step has 8, which three ranks share 3, 3, 2 (DistributedSampler
     # would pad them to 9, training one image twice: 45 images in an epoch of 44).
-    data = write_image_folder(tmp_path / "data", classes=4, train_per_class=11, val_per_class=1, size=32)
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(SAMPLE_LOG_WRAPPER.format(repo=REPO))
+    data, wrapper = sample_logged(tmp_path, 4, 11)
     args = ["--data-path", data, *COMMON, "-b", "12", "--epochs", "1"]
     out = tmp_path / "out"
     steps = stop_at_step(args, out, wrapper, step=1)
@@ -395,9 +373,7 @@ def test_8_one_rank_resumed_on_three_uses_every_image_once(tmp_path):
 
 
 def test_15_a_mid_epoch_resume_with_another_seed_continues_the_saved_order(tmp_path):
-    data = write_image_folder(tmp_path / "data", classes=3, train_per_class=8, val_per_class=1, size=32)
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(SAMPLE_LOG_WRAPPER.format(repo=REPO))
+    data, wrapper = sample_logged(tmp_path, 3, 8)
     args = ["--data-path", data, *COMMON, "-b", "4", "--epochs", "2"]
     out = tmp_path / "out"
     steps = stop_at_step(args, out, wrapper, step=2)
@@ -411,9 +387,7 @@ def test_15_a_mid_epoch_resume_with_another_seed_continues_the_saved_order(tmp_p
 
 
 def test_15_a_mid_epoch_resume_after_the_training_set_changed_is_one_line(tmp_path):
-    data = write_image_folder(tmp_path / "data", classes=3, train_per_class=8, val_per_class=1, size=32)
-    wrapper = tmp_path / "wrapper.py"
-    wrapper.write_text(SAMPLE_LOG_WRAPPER.format(repo=REPO))
+    data, wrapper = sample_logged(tmp_path, 3, 8)
     args = ["--data-path", data, *COMMON, "-b", "4", "--epochs", "1"]
     out = tmp_path / "out"
     stop_at_step(args, out, wrapper, step=2)

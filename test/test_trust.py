@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SMALL_RUN, Proc, assert_ok, clean_env, load, metrics, one_error_line, run_main, \
+from conftest import REPO, SAMPLE_LOG_WRAPPER, SMALL_RUN, Proc, children, assert_ok, clean_env, load, metrics, one_error_line, run_main, \
     start_ranks, write_image_folder
 
 COMMON = ["--model", "densenet121", *SMALL_RUN, "--seed", "3", "--lr", "0.01"]
@@ -119,17 +119,6 @@ def test_an_evaluation_of_zero_images_is_an_error_and_the_epoch_is_kept(tmp_path
 # Failed loaders: a dead worker, a file that never delivers
 # ----------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def data48(tmp_path_factory):
-    return write_image_folder(tmp_path_factory.mktemp("trust48") / "data", classes=3, train_per_class=16,
-                              val_per_class=2, size=32)
-
-
-def children(pid):
-    with open(f"/proc/{pid}/task/{pid}/children") as f:
-        return [int(c) for c in f.read().split()]
-
-
 def test_a_loader_worker_killed_mid_epoch_is_one_line_and_a_checkpoint(data48, tmp_path):
     proc = Proc(["--data-path", data48, "--output-dir", tmp_path, *COMMON, "-b", "4", "--epochs", "1",
                  "--workers", "1"], clean_env())
@@ -197,20 +186,6 @@ def test_a_rank_killed_mid_epoch_leaves_a_checkpoint_and_a_line_naming_it(data48
 # A mid-epoch checkpoint resumes on any number of ranks
 # ----------------------------------------------------------------------------
 
-# Records each training sample the loader delivers, per rank (0 loader workers: in this process, in order).
-SAMPLE_LOG_WRAPPER = """
-import os, sys
-sys.path.insert(0, {repo!r})
-import data, main
-_getitem = data.ImageFolderDataset.__getitem__
-def __getitem__(self, key):
-    if isinstance(key, tuple):  # a training sample: (epoch, index, repeat)
-        with open(os.environ["SAMPLE_LOG"] + "." + os.environ.get("RANK", "0"), "a") as f:
-            f.write("%d\\n" % key[1])
-    return _getitem(self, key)
-data.ImageFolderDataset.__getitem__ = __getitem__
-sys.exit(main.run(sys.argv[1:]))
-"""
 GLOBAL_BATCH, N_TRAIN = 6, 36  # 6 steps; 36 and what is left after any step divide among 1, 2 or 3 ranks
 
 
