@@ -11,6 +11,7 @@ import time
 import torch
 
 import device as device_lib
+import comm
 import launch as launch_lib
 from bench_core import Config, OursSpec, fmt_mib, fmt_rates, ints, measure, ours_step_fn, out, record, synthetic_batch
 from stop import Stop
@@ -24,7 +25,7 @@ def _join_job(rank, world, port, args):
     device_lib.configure_backends(device, deterministic=False)
     if device.type == "cpu":
         torch.set_num_threads(max(1, args.parent_threads // world))  # the same cores, split between ranks
-    launch_lib.init_distributed(launch_lib.launcher_env(), device, device.dist_backend)
+    comm.init_distributed(launch_lib.launcher_env(), device, device.dist_backend)
     return device
 
 
@@ -61,7 +62,7 @@ def _scaling_worker(rank, world, port, args, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             f.write(",".join(str(r) for r in rates))
-    launch_lib.cleanup_distributed()
+    comm.cleanup_distributed()
 
 
 def free_port():
@@ -146,13 +147,13 @@ def _control_worker(rank, world, port, args, result_path):
     if rank == 0:
         with open(result_path, "w") as f:
             json.dump({"calls_s": calls, "rates": rates, "blocking_s": blocking, "overlapped_s": overlapped}, f)
-    launch_lib.cleanup_distributed()
+    comm.cleanup_distributed()
 
 
 def agreement_latencies(stop, local, global_batch, calls):
     """Seconds of each of `calls` agreements, started and waited for back to back after a warm-up: the
-    collective's own latency (launch.sum_async of the Stop's five int64 on the gloo control group, and
-    launch.wait's polling for it)."""
+    collective's own latency (comm.sum_async of the Stop's five int64 on the gloo control group, and
+    comm.wait's polling for it)."""
     for _ in range(50):
         agreed = stop.agreement(local)()
     if (agreed.skip, agreed.images, agreed.code) != (False, global_batch, None):

@@ -45,8 +45,8 @@ Sections:
   scaling   ours only: batch size, resolution, and 1 vs N processes (DDP via build_trainer(distributed=True);
             gloo on CPU, nccl on CUDA) at the same global batch.
   control   the control collective of the training loop, the per-boundary agreement stop.Stop.agreement(images)
-            (launch.sum_async: an all-reduce SUM of five int64 -- few images, images, and one flag per stop
-            cause -- on the gloo control group, waited for by launch.wait's polling): with N spawned ranks
+            (comm.sum_async: an all-reduce SUM of five int64 -- few images, images, and one flag per stop
+            cause -- on the gloo control group, waited for by comm.wait's polling): with N spawned ranks
             (--control-procs, on this host), the median and 90th percentile of --control-calls back-to-back
             agreements (the collective's own latency; a rank that arrives late makes the others wait longer
             still), and its share of one DDP training step of ours at the same global batch (-b, --image-size;

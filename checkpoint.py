@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-import launch
+import comm
 import utils
 from cli import UserError, describe_os_error
 from weights import describe_mismatch, load_safe, read_weights, saved_config
@@ -223,8 +223,8 @@ def training_state(trainer, args, position, best_acc1, classes, *, pending=None,
         "best_acc1": best_acc1,
         "classes": list(classes),
         "args": config_to_dict(args),
-        "world_size": launch.get_world_size(),
-        "rng": launch.gather_to_main(rng) if all_ranks else [rng],  # one per rank: rank r resumes rng[r]
+        "world_size": comm.get_world_size(),
+        "rng": comm.gather_to_main(rng) if all_ranks else [rng],  # one per rank: rank r resumes rng[r]
     }
     if pending is not None:
         state["train_stats"] = dict(pending)
@@ -260,7 +260,7 @@ def save_checkpoints(state, output_dir, epoch=None, is_best=False, keep=None, be
     written is never deleted, nor those of later epochs (left by an attempt that went further). No
     collective. A failed write (a full disk, a folder made read-only or deleted) is one line; the files
     written before are intact. writer: whether this process writes (default: rank 0 only)."""
-    if not (launch.is_main_process() if writer is None else writer) or not output_dir:
+    if not (comm.is_main_process() if writer is None else writer) or not output_dir:
         return
     latest = os.path.join(output_dir, "checkpoint.pth")
     try:
@@ -309,14 +309,14 @@ def read_resume_checkpoint(resume, output_dir):
     machines the ranks may not see its output folder at all. A file that cannot be read is the same one-line
     error on every rank."""
     found, error = None, None
-    if launch.is_main_process() and resume:
+    if comm.is_main_process() and resume:
         try:
             path, ckpt = find_latest_checkpoint(output_dir) if resume == "auto" else (resume, None)
             if path:
                 found = Found(path, *read_weights(path, ckpt))
         except UserError as e:
             error = str(e)
-    found, error = launch.broadcast_from_main((found, error))
+    found, error = comm.broadcast_from_main((found, error))
     if error:
         raise UserError(error)
     return found

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 import data as data_lib
-import launch
+import comm
 import utils
 from cli import NumericalError, UserError
 from stop import FAILED, USER_ERROR, Cause, Interrupted, Stopped
@@ -47,7 +47,7 @@ class Meter:
         self.host_loss += float(self.loss)
         self.loss.zero_()
         values = [self.host_loss, *self.counts.tolist()]
-        return launch.all_reduce(values) if all_ranks else values
+        return comm.all_reduce(values) if all_ranks else values
 
     def read(self, all_ranks=False):
         """(mean loss, acc1 %, acc5 %, images): this rank's, or over all ranks."""
@@ -262,7 +262,7 @@ class Progress:
         this attempt has trained nothing yet, there is nothing new to save."""
         check_finite(self.first_bad_step, self.epoch)
         sums = [a + b for a, b in zip(self.meter.sums(all_ranks=True), partial or [0, 0, 0, 0])]
-        trained = launch.all_reduce([self.trained], op="max")[0]
+        trained = comm.all_reduce([self.trained], op="max")[0]
         if not trained:
             return Stopped(code, f"at epoch {self.epoch} step {step}", untrained=True)
         return Stopped(code, f"at epoch {self.epoch} step {step}", position=(self.epoch, step), partial=sums)
@@ -274,7 +274,7 @@ class Progress:
         this_attempt = self.meter.sums(all_ranks=True)
         fps, epoch_fps = report_throughput(self.throughput, self.epoch, self.args.synthetic, elapsed, this_attempt[3])
         loss_mean, acc1, acc5, seen = averages([a + b for a, b in zip(this_attempt, partial or [0, 0, 0, 0])])
-        n_bad = int(launch.all_reduce([self.bad_files])[0])
+        n_bad = int(comm.all_reduce([self.bad_files])[0])
         resumed = "" if not self.start_step else f" (the epoch was resumed at step {self.start_step + 1}: " + (
             f"{seen} images in all)" if partial else "the earlier attempt's metrics were not saved)")
         log(f"Train [{self.epoch}] done in {utils.format_eta(elapsed)}: train loss {loss_mean:.4f}  acc1 {acc1:.3f}"
@@ -295,12 +295,12 @@ class Progress:
 def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, partial=None):
     """Steps start_step..steps-1 of `epoch`; the epoch's metrics record (with `partial`, the sums of an earlier,
     interrupted attempt at it). Raises stop.Stopped at the step boundary where the ranks agreed to stop, and
-    launch.PeerLost when a collective failed (the model then holds the last completed step)."""
+    comm.PeerLost when a collective failed (the model then holds the last completed step)."""
     trainer.model.train()
     steps = min(steps, args.max_steps or math.inf)
     progress = Progress(trainer, epoch, start_step, steps, args)
     feed = Feed(loader, stop, args.data_timeout, lambda k: f"training data (epoch {epoch}, step {k + 1})")
-    guard = BufferGuard(trainer.model_without_ddp) if launch.is_dist() else None
+    guard = BufferGuard(trainer.model_without_ddp) if comm.is_dist() else None
     smallest = smallest_batch(args.train_crop_size)
     batch = feed.next(start_step)
     agreed = agree(stop, batch, smallest, f"epoch {epoch} step {start_step}")
@@ -318,7 +318,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
             n = train_step(trainer, batch, agreement, progress, guard, stop, epoch + step / progress.steps, step)
             progress.counted(step, n)
             batch = following
-    except launch.PeerLost as lost:
+    except comm.PeerLost as lost:
         lost.position = (epoch, step)  # the steps done: a failed step is not (its buffers were put back)
         raise
     return progress.finish(partial)
@@ -342,12 +342,12 @@ def train_step(trainer, batch, agreement, progress, guard, stop, epoch_progress,
         output, loss, targets = trainer.step(batch.images, batch.targets, learning_rate(args, epoch_progress),
                                              update_ema=(step + 1) % args.model_ema_steps == 0,
                                              ema_warmup=progress.epoch < args.lr_warmup_epochs,
-                                             weight=n * launch.get_world_size() / agreement.images)
+                                             weight=n * comm.get_world_size() / agreement.images)
     except RuntimeError as e:
-        if guard is None or not launch.is_peer_failure(e):
+        if guard is None or not comm.is_peer_failure(e):
             raise
         guard.restore()
-        raise launch.lost_peer(e, f"epoch {progress.epoch} step {step + 1}") from None
+        raise comm.lost_peer(e, f"epoch {progress.epoch} step {step + 1}") from None
     progress.trained_on(n, output, loss, targets, step)
     return n
 
@@ -374,13 +374,13 @@ def report_throughput(throughput, epoch, synthetic, elapsed, images_epoch):
     epoch had too few steps). Whole epoch: `images_epoch` (all ranks' images this attempt trained on) over the
     slowest rank's whole epoch, warm-up, first step and data loading included: never blank, for the summary
     of a short epoch."""
-    epoch_fps = images_epoch / max(launch.all_reduce([elapsed], op="max")[0], 1e-9)
+    epoch_fps = images_epoch / max(comm.all_reduce([elapsed], op="max")[0], 1e-9)
     if throughput.finish() is None:
         log(f"Train [{epoch}] FPS: {epoch_fps:.2f} img/s over the whole epoch, warm-up included (fewer than "
             f"{throughput.warmup + 1} steps, so no steady-state figure; lower --warmup-steps)")
         return None, epoch_fps
-    images_all = launch.all_reduce([throughput.images])[0]
-    window = launch.all_reduce([throughput.end - throughput.start], op="max")[0]
+    images_all = comm.all_reduce([throughput.images])[0]
+    window = comm.all_reduce([throughput.end - throughput.start], op="max")[0]
     fps = images_all / window
     log(f"Train [{epoch}] FPS: {fps:.2f} img/s (steady state: steps {throughput.first_step}-{throughput.steps} "
         f"of {throughput.steps}, {int(images_all)} images in {window:.2f} s, all ranks, data loading "
@@ -391,7 +391,7 @@ def report_throughput(throughput, epoch, synthetic, elapsed, images_epoch):
 def check_finite(first_bad_step, epoch):
     """NumericalError on every rank when the loss went non-finite on any (one small collective): the ranks stop
     together, and nothing is written over the last good checkpoint."""
-    step = launch.all_reduce([int(first_bad_step)], op="max")[0]
+    step = comm.all_reduce([int(first_bad_step)], op="max")[0]
     if step >= 0:
         # step + 1: counted from 1, like the log's [step/N] lines.
         raise NumericalError(f"non-finite loss at epoch {epoch} step {int(step) + 1}; stopped without overwriting "
@@ -450,7 +450,7 @@ def evaluate(model, loader, trainer, args, stop, log_prefix="", epoch=None):
 
 def eval_results(meter, n_bad, start, log_prefix, args):
     loss, acc1, acc5, n = meter.read(all_ranks=True)
-    n_bad = int(launch.all_reduce([n_bad])[0])
+    n_bad = int(comm.all_reduce([n_bad])[0])
     if n == 0:  # an Acc@1 of 0.000 "on 0 images" would look like a result
         raise UserError(f"evaluation covered 0 images ({n_bad} unreadable): check the validation images of "
                         f"{args.data_path}")

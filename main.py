@@ -44,6 +44,7 @@ import config  # noqa: E402
 import data as data_lib  # noqa: E402
 import device as device_lib  # noqa: E402
 import engine  # noqa: E402
+import comm
 import launch  # noqa: E402
 import layout  # noqa: E402
 import lifecycle  # noqa: E402
@@ -69,7 +70,7 @@ def main(args, stop=None):
     stop.doing = "joining the process group"
     run = launch.setup(args, job, log=log)
     utils.seed_everything(args.seed + run.rank)
-    launch.record_peers()  # every rank's host and pid: a rank that dies can be named
+    comm.record_peers()  # every rank's host and pid: a rank that dies can be named
     stop.doing = "resume"
     found = checkpoint.read_resume_checkpoint(run.resume, args.output_dir)
     taken = config.resolve_preprocessing(args, found.config if found else None)  # (only those not the defaults)
@@ -85,7 +86,7 @@ def main(args, stop=None):
     stop.doing = "the dataset scan"
     data = data_lib.build(args, run, found_layout)
     num_classes = args.num_classes or len(data.classes)
-    launch.check_ranks_agree(ranks_must_agree(args, run, amp, data, num_classes))
+    comm.check_ranks_agree(ranks_must_agree(args, run, amp, data, num_classes))
     stop.doing = "the model build"
     trainer = build_trainer(args, run.device, num_classes, amp, channels_last=run.channels_last,
                             distributed=run.distributed, local_batch=run.local_batch, world_size=run.world_size,
@@ -123,7 +124,7 @@ def train(args, run, data, trainer, start, stop):
             for epoch in range(start.epoch, args.epochs):
                 first = epoch == start.epoch
                 stats = train_epoch(args, data, trainer, stop, epoch, start if first else None)
-                with launch.collective(f"the end of epoch {epoch}", position=(epoch, stats["steps"])):
+                with comm.collective(f"the end of epoch {epoch}", position=(epoch, stats["steps"])):
                     trainer.sync_buffers()  # every rank evaluates, and rank 0 saves, the same BatchNorm statistics
                 with stop.saving():  # the epoch's training is on disk before its evaluation starts
                     saver.save((epoch + 1, 0), pending=stats)
@@ -134,7 +135,7 @@ def train(args, run, data, trainer, start, stop):
                         f"to go (evaluation included)")
     except Stopped as stopped:
         return stop.conclude(stopped, saver)
-    except launch.PeerLost as lost:
+    except comm.PeerLost as lost:
         return stop.survive(lost, saver, run.device)
     record.close()
     return DONE
@@ -168,7 +169,7 @@ def finish_epoch(saver, stop, epoch, train_stats):
 @dataclass
 class Saver:
     """How this run writes where it stands (for the epoch loop and stop.py): the trainer's state at a position
-    as checkpoint.pth, on rank 0, then a barrier (launch.rank0_writes): no rank goes on before it is on disk."""
+    as checkpoint.pth, on rank 0, then a barrier (comm.rank0_writes): no rank goes on before it is on disk."""
     args: object
     trainer: object
     data: object
@@ -200,7 +201,7 @@ class Saver:
         if writer:
             write()
         else:
-            launch.rank0_writes(write, self.path, where=f"epoch {at[0]} step {at[1]}")
+            comm.rank0_writes(write, self.path, where=f"epoch {at[0]} step {at[1]}")
 
 
 def preflight(args, job):
@@ -242,7 +243,7 @@ def preflight(args, job):
 
 
 def ranks_must_agree(args, run, amp, data, num_classes):
-    """What every rank of a job must agree on, by the name the user knows it (for launch.check_ranks_agree):
+    """What every rank of a job must agree on, by the name the user knows it (for comm.check_ranks_agree):
     ranks launched by hand can differ in flags or data, and would then fail inside DDP, hang in a collective
     (different step counts) or train on silently (a different --batch-size)."""
     images = None if args.synthetic else (len(data.train_loader.dataset), len(data.val_loader.dataset))
@@ -302,17 +303,17 @@ def run(argv=None):
         print(f"stopped by {e.signal_name}" + (f" during {where}" if where else "") + " (nothing to save)",
               file=sys.stderr, flush=True)
         code = 128 + e.signum
-    except launch.PeerLost as e:  # outside the epoch loop (set-up, --test-only): nothing to save
+    except comm.PeerLost as e:  # outside the epoch loop (set-up, --test-only): nothing to save
         print(f"error: {e}", file=sys.stderr, flush=True)
     except Exception:
         traceback.print_exc()  # a bug or an unexpected failure: the full traceback, into the --log-file too
     finally:
         lifecycle.stop_children()
         lifecycle.close_output()  # what is queued for the terminal, for a few seconds at most
-        if launch.is_dist():
+        if comm.is_dist():
             if code:  # a failing rank must not leave its peers waiting in a collective: torchrun stops them
                 os._exit(code)
-            launch.cleanup_distributed()
+            comm.cleanup_distributed()
         stop.restore()  # (for callers in this process: tests)
     return code
 

@@ -12,6 +12,7 @@ import socket
 import stat
 import time
 
+import comm
 import launch
 import utils
 from checkpoint import replacing, resumable_checkpoint_files
@@ -228,7 +229,7 @@ def lock_output_dir(output_dir):
 def claim(output_dir, resume, overwrite, resuming):
     """Rank 0's lock on the output folder (taken by prepare_output_dir, before the dataset scan; held until the
     process ends) and a clean start there: a fresh run starts a fresh metrics.jsonl."""
-    if not launch.is_main_process() or not output_dir:
+    if not comm.is_main_process() or not output_dir:
         return None
     lock = lock_output_dir(output_dir)
     if not resuming:
@@ -309,7 +310,7 @@ def append_metrics(output_dir, record):
     Once per epoch: rows an earlier attempt wrote for this epoch or a later one (it was stopped after its row
     and before its checkpoint, and the resumed run evaluated the epoch again) are dropped first. A write that
     fails (a full disk) leaves no half line behind and is one line; the checkpoints are untouched."""
-    if not output_dir or not launch.is_main_process():
+    if not output_dir or not comm.is_main_process():
         return
     path = os.path.join(output_dir, "metrics.jsonl")
     line = (json.dumps(record) + "\n").encode()
@@ -360,7 +361,7 @@ def _rows_before(path, epoch):
 def write_run_description(output_dir, description):
     """<output-dir>/run.json (rank 0): what the launchers' summary needs besides metrics.jsonl (world size,
     batch, device, model), as data rather than as words to grep from the log. Replaced atomically."""
-    if not output_dir or not launch.is_main_process():
+    if not output_dir or not comm.is_main_process():
         return
     path = os.path.join(output_dir, "run.json")
     try:
@@ -384,7 +385,7 @@ class RunRecord:
         self.best_epoch = None
         self.history = []
         self.start_time = time.time()
-        self.tensorboard = utils.TensorBoardLogger(output_dir) if tensorboard and launch.is_main_process() else None
+        self.tensorboard = utils.TensorBoardLogger(output_dir) if tensorboard and comm.is_main_process() else None
 
     def add(self, epoch, train_stats, val_stats):
         """The row of an evaluated epoch (written by write_row); True if it is the best so far."""

@@ -41,7 +41,7 @@ from typing import Optional
 
 import cli
 import device as device_lib
-import launch
+import comm
 import lifecycle
 import rundir
 from utils import log
@@ -188,7 +188,7 @@ class Stop:
         few: too few to train on (the ranks then skip the step together); where: the boundary, for the line
         that a lost peer becomes."""
         mine = self.cause.code if self.cause else None
-        return launch.sum_async([int(few), images, *(int(mine == code) for code in SEVERITY)], Agreed.of, where)
+        return comm.sum_async([int(few), images, *(int(mine == code) for code in SEVERITY)], Agreed.of, where)
 
     def agree_now(self, where, then=""):
         """A boundary with nothing to train or save (an epoch's end): raise Stopped if any rank asks."""
@@ -200,7 +200,7 @@ class Stop:
     def conclude(self, stopped, saver):
         """The ranks agreed to stop (Stopped, on every rank at the same boundary): save what is owed, wait until
         it is durable on every rank, say why on each rank, and return the exit code."""
-        causes = launch.gather_all(self.cause)
+        causes = comm.gather_all(self.cause)
         with self.saving():
             if stopped.position is not None:
                 saver.save(stopped.position, stopped.partial)  # collective, ends with a barrier
@@ -224,7 +224,7 @@ class Stop:
         return stopped.code
 
     def survive(self, lost, saver, device):
-        """A collective failed (launch.PeerLost): no agreement is possible any more. Abort the device's
+        """A collective failed (comm.PeerLost): no agreement is possible any more. Abort the device's
         collectives (NCCL/HCCL), then on gloo let the survivor whose turn it is save the step reached
         (rundir.survivor_turn); exit 1."""
         print(f"error: {lost}", file=sys.stderr, flush=True)
@@ -235,7 +235,7 @@ class Stop:
         if lost.position is None:
             return FAILED  # lost outside a training step: the epoch's training is saved already
         with self.saving():
-            if rundir.survivor_turn(saver.output_dir, launch.get_rank()):
+            if rundir.survivor_turn(saver.output_dir, comm.get_rank()):
                 saver.save(lost.position, writer=True)
                 print(f"error: stopped at epoch {lost.position[0]} step {lost.position[1]}, checkpoint saved to "
                       f"{saver.path}: resume with --resume auto", file=sys.stderr, flush=True)

@@ -1,5 +1,5 @@
 """Logging, throughput, RNG state and TensorBoard, shared by main.py and the tools. Where this process sits in
-its job and the collectives are launch.py; checkpoints are checkpoint.py, the run folder rundir.py; everything
+its job is launch.py, the collectives comm.py; checkpoints are checkpoint.py, the run folder rundir.py; everything
 device-specific is device.py."""
 import datetime
 import os
@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from launch import is_main_process
+from comm import is_main_process
 
 
 # ----------------------------------------------------------------------------

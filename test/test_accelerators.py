@@ -37,6 +37,7 @@ import engine
 import main
 import recipe
 import trainer as trainer_lib
+import comm
 import launch as launch_lib
 import utils
 from device import Device, DeviceError
@@ -208,17 +209,17 @@ def test_init_distributed_binds_the_device_only_for_nccl(monkeypatch, dev, backe
     calls = {}
     monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.setdefault("init", kw))
     monkeypatch.setattr(dist, "new_group", lambda **kw: calls.setdefault("new_group", kw) or "control group")
-    monkeypatch.setattr(launch_lib, "_control_group", None)
+    monkeypatch.setattr(comm, "_control_group", None)
     monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", "29999")
-    launch_lib.init_distributed(launch_lib.Launch(0, 0, 1, 1, "torchrun"), dev, backend, "env://", 60)
+    comm.init_distributed(launch_lib.Launch(0, 0, 1, 1, "torchrun"), dev, backend, "env://", 60)
     assert calls["init"]["backend"] == backend
     if binds:
         assert calls["init"]["device_id"] == torch.device("cuda", 0)
     else:
         assert "device_id" not in calls["init"], calls["init"]
-    assert calls["new_group"]["backend"] == "gloo"  # (and its own timeout: see launch.init_distributed)
+    assert calls["new_group"]["backend"] == "gloo"  # (and its own timeout: see comm.init_distributed)
 
 
 # ----------------------------------------------------------------------------
@@ -304,7 +305,7 @@ def test_short_device_ids_through_main_is_one_line_and_exit_2(eight_gpus, monkey
     assert cli.run_tool(main.main, args) == cli.EXIT_USER_ERROR
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and err[0].startswith("error: --device_ids 0,1"), err
-    assert not launch_lib.is_dist()
+    assert not comm.is_dist()
 
 
 # ----------------------------------------------------------------------------
@@ -346,9 +347,9 @@ def test_meter_and_accuracy_counts_make_no_float64_on_the_device():
 
 def test_all_reduce_is_exact_host_arithmetic():
     # Old: all_reduce_sum(values, device) summed a float64 tensor on the device.
-    out = launch_lib.all_reduce([2 ** 40 + 1, 3, 0.5])
+    out = comm.all_reduce([2 ** 40 + 1, 3, 0.5])
     assert out == [2 ** 40 + 1, 3.0, 0.5] and all(type(v) is float for v in out)  # float32 would lose the +1
-    assert launch_lib.all_reduce([1, 7], op="max") == [1.0, 7.0]
+    assert comm.all_reduce([1, 7], op="max") == [1.0, 7.0]
 
 
 # ----------------------------------------------------------------------------
