@@ -204,6 +204,18 @@ class Position:
         return f"after epoch {self.epoch - 1}"
 
 
+def saved_position(path):
+    """(epoch, step, evaluated) of the checkpoint at `path`, or (None, None, None) when there is none that loads.
+    Memory-mapped: the tensors are not read."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        p = Position.of(ckpt)
+        return p.epoch, p.step, p.evaluated
+    except Exception:  # missing, partial or foreign: nothing there holds this position
+        return None, None, None
+
+
 def training_state(trainer, args, position, best_acc1, classes, *, pending=None, partial=None, all_ranks=True):
     """Everything a resumed run needs, as tensors and plain data only (loadable with weights_only=True).
 

@@ -178,9 +178,9 @@ def sum_async(values, convert=list, where="a step boundary"):
     """Sum a list of host integers over all ranks, started now: a function that waits for the result and returns
     convert(sums). The small collective then runs while the caller works (a training step), off its critical
     path. `where`: what a PeerLost says the ranks were doing ("epoch 2 step 141")."""
-    t = torch.tensor(values, dtype=torch.int64)
     if not is_dist():
-        return lambda: convert(t.tolist())
+        return lambda: convert(list(values))  # (no tensor: nothing here could be a device sync)
+    t = torch.tensor(values, dtype=torch.int64)
     work = dist.all_reduce(t, op=dist.ReduceOp.SUM, group=_control_group, async_op=True)
 
     def result():

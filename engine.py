@@ -176,7 +176,9 @@ class Feed:
             with self.stop.waiting():
                 batch = next_batch(self.iterator, self.timeout, self.stage(number))
         except Interrupted:
-            batch = None  # the signal is the stop cause already
+            if self.stop.phase != "running":
+                raise  # nothing to save (--test-only): the process ends now
+            batch = None  # the signal is the stop cause already: the ranks stop at the next boundary
         except DataFailure as e:
             self.stop.request(Cause(FAILED, str(e)))
             batch = None
@@ -305,7 +307,7 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
     batch = feed.next(start_step)
     agreed = agree(stop, batch, smallest, f"epoch {epoch} step {start_step}")
     progress.window.data_time += time.perf_counter() - progress.start
-    step = start_step
+    done = start_step  # steps done: a step whose collective failed is not (its buffers are put back)
     try:
         for step in range(start_step, steps):
             agreement = agreed()
@@ -316,12 +318,13 @@ def train_one_epoch(trainer, loader, epoch, start_step, steps, args, stop, parti
             agreed = agree(stop, following, smallest, f"epoch {epoch} step {step + 1}") if step + 1 < steps else None
             progress.window.data_time += time.perf_counter() - fetch_start
             n = train_step(trainer, batch, agreement, progress, guard, stop, epoch + step / progress.steps, step)
+            done = step + 1
             progress.counted(step, n)
             batch = following
+        return progress.finish(partial)
     except comm.PeerLost as lost:
-        lost.position = (epoch, step)  # the steps done: a failed step is not (its buffers were put back)
+        lost.position = (epoch, done)
         raise
-    return progress.finish(partial)
 
 
 def train_step(trainer, batch, agreement, progress, guard, stop, epoch_progress, step):
@@ -347,7 +350,7 @@ def train_step(trainer, batch, agreement, progress, guard, stop, epoch_progress,
         if guard is None or not comm.is_peer_failure(e):
             raise
         guard.restore()
-        raise comm.lost_peer(e, f"epoch {progress.epoch} step {step + 1}") from None
+        raise comm.lost_peer(e, f"epoch {progress.epoch} step {step}") from None  # (steps done, as everywhere)
     progress.trained_on(n, output, loss, targets, step)
     return n
 

@@ -184,6 +184,10 @@ class Saver:
     def path(self):
         return os.path.join(self.args.output_dir, "checkpoint.pth")
 
+    def holds(self, at):
+        """Whether checkpoint.pth holds the state after `at` already (another survivor saved it)."""
+        return checkpoint.saved_position(self.path)[:2] == tuple(at)
+
     def save(self, at, partial=None, pending=None, epoch_end=None, is_best=False, writer=False):
         """The state after `at` = (epoch, steps done); pending: the train metrics of an epoch saved before its
         evaluation; epoch_end: the epoch whose evaluation this save commits (with its metrics row); writer: this
@@ -223,10 +227,11 @@ def preflight(args, job):
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
         except ImportError:
             raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    found = None if args.synthetic else layout.find_layout(args.data_path)
-    if found is not None and args.num_classes is not None and args.num_classes < len(found.classes):
-        raise UserError(f"--num_classes {args.num_classes} is smaller than the {len(found.classes)} class folders "
-                        f"in {args.data_path}/train; drop it or give at least {len(found.classes)}")
+    data_layout = None if args.synthetic else layout.find_layout(args.data_path)
+    classes = data_layout.classes if data_layout else []
+    if data_layout and args.num_classes is not None and args.num_classes < len(classes):
+        raise UserError(f"--num_classes {args.num_classes} is smaller than the {len(classes)} class folders "
+                        f"in {args.data_path}/train; drop it or give at least {len(classes)}")
     # From here on args.output_dir is the run's folder (never changed again; the other ranks get rank 0's).
     given = args.output_dir is not None
     args.output_dir, where = rundir.resolve_output_dir(args.output_dir, args.model, args.resume == "auto", rank0)
@@ -239,7 +244,7 @@ def preflight(args, job):
     if rank0:
         rundir.prepare_output_dir(args.output_dir, args.overwrite, args.resume, args.test_only,
                                   launch.restart_count() > 0)
-    return found
+    return data_layout
 
 
 def ranks_must_agree(args, run, amp, data, num_classes):

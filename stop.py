@@ -226,19 +226,23 @@ class Stop:
     def survive(self, lost, saver, device):
         """A collective failed (comm.PeerLost): no agreement is possible any more. Abort the device's
         collectives (NCCL/HCCL), then on gloo let the survivor whose turn it is save the step reached
-        (rundir.survivor_turn); exit 1."""
-        print(f"error: {lost}", file=sys.stderr, flush=True)
+        (rundir.survivor_turn: rank 0 when it survived, else the lowest survivor that sees the folder); exit 1
+        with one line on each rank."""
         if device_lib.abort_collectives(device):
-            print("error: the step in flight on the device cannot be told complete after a lost peer, so nothing is "
-                  "saved: resume from the last checkpoint with --resume auto", file=sys.stderr, flush=True)
-            return FAILED
-        if lost.position is None:
-            return FAILED  # lost outside a training step: the epoch's training is saved already
-        with self.saving():
-            if rundir.survivor_turn(saver.output_dir, comm.get_rank()):
-                saver.save(lost.position, writer=True)
-                print(f"error: stopped at epoch {lost.position[0]} step {lost.position[1]}, checkpoint saved to "
-                      f"{saver.path}: resume with --resume auto", file=sys.stderr, flush=True)
+            outcome = ("the step in flight on the device cannot be told complete, so nothing mid-epoch is saved: "
+                       "resume from the last checkpoint with --resume auto")
+        elif lost.position is None:  # lost outside a training step: the epoch's training is saved already
+            outcome = "resume from the last checkpoint with --resume auto"
+        else:
+            epoch, step = lost.position
+            outcome = f"stopped at epoch {epoch} step {step}; the surviving rank that holds the output folder's " \
+                      f"lock saves the checkpoint"
+            with self.saving():
+                if rundir.survivor_turn(saver.output_dir, comm.get_rank()) and not saver.holds(lost.position):
+                    saver.save(lost.position, writer=True)
+                    outcome = f"stopped at epoch {epoch} step {step}, checkpoint saved to {saver.path}: resume " \
+                              f"with --resume auto"
+        print(f"error: {lost}; {outcome}", file=sys.stderr, flush=True)
         return FAILED
 
 

@@ -199,7 +199,7 @@ smoke nccl_1rank 120 "nccl 1-rank DDP: OK" -- "$PY" -c '
 import math, os, socket, sys
 import torch, torch.distributed as dist
 sys.path.insert(0, os.getcwd())
-import data as data_lib, device as device_lib, main as main_lib, trainer as trainer_lib
+import config, data as data_lib, device as device_lib, trainer as trainer_lib
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -207,8 +207,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 dev = device_lib.resolve_device("cuda")
 device_lib.configure_backends(dev)
 dist.init_process_group("nccl", rank=0, world_size=1, device_id=dev.torch_device)
-args = main_lib.get_args_parser().parse_args(["--synthetic", "--device", "cuda", "--model", "densenet121", "--amp",
-                                              "-b", "32", "--num_classes", "10"])
+args = config.get_args_parser().parse_args(["--synthetic", "--device", "cuda", "--model", "densenet121", "--amp",
+                                            "-b", "32", "--num_classes", "10"])
+config.resolve_preprocessing(args)
 amp = device_lib.build_mixed_precision(args, dev)
 tr = trainer_lib.build_trainer(args, dev, 10, amp, channels_last=True, distributed=True, local_batch=32, world_size=1)
 assert isinstance(tr.model, torch.nn.parallel.DistributedDataParallel), type(tr.model)

@@ -272,6 +272,21 @@ def test_11_a_full_stdout_pipe_does_not_hold_a_stop_back(tmp_path):
     assert position(tmp_path / "out" / "checkpoint.pth")[0] >= 1
 
 
+def feed_fifo(path, content, proc, timeout=60):
+    """Write `content` into the FIFO once its reader (proc) opens it; never block when proc is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while nobody reads it
+            break
+        except OSError:
+            assert proc.p.poll() is None and time.monotonic() < deadline, proc.stdout + proc.stderr
+            time.sleep(0.05)
+    os.set_blocking(fd, True)
+    with os.fdopen(fd, "wb") as fifo:
+        fifo.write(content)
+
+
 def test_12_time_suspended_is_not_a_data_stall(tmp_path):
     data = tmp_path / "data"
     write_image_folder(data, classes=3, train_per_class=16, val_per_class=2, size=32)
@@ -285,13 +300,12 @@ def test_12_time_suspended_is_not_a_data_stall(tmp_path):
     os.mkfifo(path)
     proc = Proc(["--data-path", data, "--output-dir", tmp_path / "out", *COMMON, "-b", "4", "--epochs", "1",
                  "--data-timeout", "4"], clean_env())
-    proc.wait_for(r"^Epoch: \[0\]\s+\[\s*2/12\]")  # step 3's batch is being fetched: blocked on the FIFO
+    proc.wait_for(r"^Epoch: \[0\]\s+\[\s*1/12\]")  # then step 3's batch is fetched (one ahead): the FIFO
     time.sleep(0.5)
     proc.p.send_signal(signal.SIGSTOP)
     time.sleep(8)
     proc.p.send_signal(signal.SIGCONT)
-    with open(path, "wb") as fifo:
-        fifo.write(content)
+    feed_fifo(path, content, proc)
     assert proc.finish(timeout=120) == 0, proc.stdout + proc.stderr
     assert "no batch for" not in proc.stderr
 
@@ -391,16 +405,17 @@ def test_15_a_mid_epoch_resume_after_the_training_set_changed_is_one_line(tmp_pa
     args = ["--data-path", data, *COMMON, "-b", "4", "--epochs", "1"]
     out = tmp_path / "out"
     stop_at_step(args, out, wrapper, step=2)
-    shutil.copy(tmp_path / "data" / "train" / "class_0" / "img_0.JPEG", tmp_path / "data" / "train" / "class_0" /
-                "added.JPEG")
+    for name in ("added_0", "added_1"):
+        shutil.copy(tmp_path / "data" / "train" / "class_0" / "img_0.JPEG", tmp_path / "data" / "train" / "class_0" /
+                    f"{name}.JPEG")
     proc = run_main([*args, "--output-dir", out, "--resume", "auto"], env=clean_env(), inherit_env=False)
     assert proc.returncode == 2
     line = one_error_line(proc.stderr)
-    assert "24 training images" in line and "has 25 now" in line and "--restart-epoch" in line, line
+    assert "24 training images" in line and "has 26 now" in line and "--restart-epoch" in line, line
     proc = run_main([*args, "--output-dir", out, "--resume", "auto", "--restart-epoch"], env=clean_env(),
                     inherit_env=False)
     assert "epoch 0 starts again from its first step" in assert_ok(proc)
-    assert metrics(out)[-1]["images"] == 25
+    assert metrics(out)[-1]["images"] == 26
 
 
 # ----------------------------------------------------------------------------
@@ -408,34 +423,31 @@ def test_15_a_mid_epoch_resume_after_the_training_set_changed_is_one_line(tmp_pa
 # ----------------------------------------------------------------------------
 
 def test_14_a_torchrun_restart_finds_its_own_run(data48, tmp_path):
-    port = free_port()
+    # Another run of the same model, newer than this job's (it finished while this job was running, say): the
+    # newest run under output/train, which the old code took over when torchrun restarted this job.
+    root = tmp_path / "output" / "train"
+    assert_ok(run_main(["--data-path", data48, *COMMON, "-b", "4", "--epochs", "1", "--max-steps", "1"],
+                       cwd=tmp_path, env=clean_env(), inherit_env=False))
+    newest = root / "20991231-235959-densenet121"
+    os.rename(glob.glob(str(root / "*"))[0], newest)
+    newest_ckpt = (newest / "checkpoint.pth").read_bytes()
     job = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                            "--max-restarts", "1", "--master_port", str(port), os.path.join(REPO, "main.py"),
+                            "--max-restarts", "1", "--master_port", str(free_port()), os.path.join(REPO, "main.py"),
                             "--data-path", data48, *COMMON, "-b", "4", "--epochs", "2"],
                            cwd=tmp_path, env=clean_env(LOGLEVEL="ERROR"), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    root = tmp_path / "output" / "train"
     try:
         deadline = time.monotonic() + 300
-        while not glob.glob(str(root / "*" / "checkpoint.pth")):  # epoch 0 trained: its folder has a checkpoint
-            assert job.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
-        ours = glob.glob(str(root / "*"))[0]
-        time.sleep(1.1)  # another run in the same folder, started later, finishes meanwhile: the newest run
-        assert_ok(run_main(["--data-path", data48, *COMMON, "-b", "4", "--epochs", "1", "--max-steps", "1"],
-                           cwd=tmp_path, env=clean_env(), inherit_env=False))
-        newest = max(glob.glob(str(root / "*")))
-        assert newest != ours
-        newest_ckpt = open(os.path.join(newest, "checkpoint.pth"), "rb").read()
-        workers = [int(p) for p in subprocess.run(["pgrep", "-f", "-P", str(job.pid), "main.py"],
-                                                  capture_output=True, text=True).stdout.split()]
-        assert len(workers) == 2
-        os.kill(max(workers), signal.SIGKILL)  # a rank dies: torchrun restarts the job
+        while not [p for p in glob.glob(str(root / "*" / "checkpoint.pth")) if not p.startswith(str(newest))]:
+            assert job.poll() is None and time.monotonic() < deadline  # epoch 0 trained: its folder has one
+            time.sleep(0.05)
+        ours = [p for p in glob.glob(str(root / "*")) if p != str(newest)][0]
+        os.kill(max(children(job.pid)), signal.SIGKILL)  # a rank dies: torchrun restarts the job
         out, _ = job.communicate(timeout=300)
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
     assert job.returncode == 0, out
-    assert f"Output: {ours} (this job's run, restarted" in out, out
-    assert open(os.path.join(newest, "checkpoint.pth"), "rb").read() == newest_ckpt  # untouched
+    assert f"Output: {os.path.relpath(ours, tmp_path)} (this job's run, restarted" in out, out
+    assert (newest / "checkpoint.pth").read_bytes() == newest_ckpt  # untouched
     assert [row["epoch"] for row in metrics(ours)][-1] == 1

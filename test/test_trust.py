@@ -56,7 +56,7 @@ def test_sigterm_during_evaluation_exits_at_once_and_the_resumed_run_evaluates_t
     rows = metrics(tmp_path)
     assert [r["epoch"] for r in rows] == [0, 1]  # no gap
     assert rows[0]["train_loss"] == ckpt["train_stats"]["train_loss"] and rows[0]["val_images"] == 150
-    assert load(tmp_path / "checkpoint.pth")["evaluated"] is True
+    assert load(tmp_path / "checkpoint.pth")["position"]["evaluated"] is True
 
 
 @pytest.fixture(scope="module")
