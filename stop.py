@@ -192,7 +192,7 @@ class Stop:
 
     def agree_now(self, where, then=""):
         """A boundary with nothing to train or save (an epoch's end): raise Stopped if any rank asks."""
-        agreed = self.agreement(0, where=where)()
+        agreed = self.agreement(0, where=where.removeprefix("at "))()
         if agreed.code is not None:
             raise Stopped(agreed.code, where, then=then)
 

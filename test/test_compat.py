@@ -21,7 +21,7 @@ def old_tree(release, dest):
     return dest
 
 
-@pytest.mark.parametrize("release", ["dfa5967", "4cf9c23"])
+@pytest.mark.parametrize("release", ["dfa5967"])  # (4cf9c23's layout: the mid-epoch test below)
 def test_checkpoint_of_an_earlier_layout_resumes(tmp_path, release):
     (tmp_path / "old").mkdir()
     old = old_tree(release, tmp_path / "old")

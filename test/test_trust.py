@@ -16,7 +16,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE_LOG_WRAPPER, SMALL_RUN, Proc, children, assert_ok, clean_env, load, metrics, one_error_line, run_main, \
+from conftest import REPO, SAMPLE_LOG_WRAPPER, SMALL_RUN, Proc, assert_ok, clean_env, load, metrics, one_error_line, run_main, \
     start_ranks, write_image_folder
 
 COMMON = ["--model", "densenet121", *SMALL_RUN, "--seed", "3", "--lr", "0.01"]
@@ -119,20 +119,6 @@ def test_an_evaluation_of_zero_images_is_an_error_and_the_epoch_is_kept(tmp_path
 # Failed loaders: a dead worker, a file that never delivers
 # ----------------------------------------------------------------------------
 
-def test_a_loader_worker_killed_mid_epoch_is_one_line_and_a_checkpoint(data48, tmp_path):
-    proc = Proc(["--data-path", data48, "--output-dir", tmp_path, *COMMON, "-b", "4", "--epochs", "1",
-                 "--workers", "1"], clean_env())
-    proc.wait_for(r"^Epoch: \[0\]\s+\[\s*2/12\]")
-    workers = children(proc.p.pid)
-    assert workers, "no loader worker"
-    os.kill(workers[0], signal.SIGKILL)  # what the OOM killer does
-    assert proc.finish(timeout=60) == 1, proc.stdout + proc.stderr
-    line = one_error_line(proc.stderr)
-    assert "a data loading worker died" in line and "checkpoint saved" in line, line
-    ckpt = load(tmp_path / "checkpoint.pth")
-    assert ckpt["position"]["epoch"] == 0 and 2 <= ckpt["position"]["step"] < 12
-
-
 def test_a_stalled_loader_saves_the_steps_trained_so_far(data48, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(data48, data)
@@ -157,7 +143,7 @@ def test_a_stalled_loader_saves_the_steps_trained_so_far(data48, tmp_path):
 # A peer lost mid-epoch
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("ranks", [2, 3])
+@pytest.mark.parametrize("ranks", [2])  # (3 ranks, rank 0 lost: test_stop.py test_7; a dead worker: test_2)
 def test_a_rank_killed_mid_epoch_leaves_a_checkpoint_and_a_line_naming_it(data48, tmp_path, ranks):
     args = ["--data-path", data48, "--output-dir", tmp_path, *COMMON, "-b", str(2 * ranks), "--epochs", "1"]
     procs = start_ranks(ranks, args)
@@ -237,7 +223,7 @@ def interrupted_run(elastic, ranks):
     return out, steps
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (2, 3), (1, 2)])
+@pytest.mark.parametrize("before, after", [(2, 1), (2, 3)])  # (1 onto 3, an uneven last step: test_stop.py test_8)
 def test_a_run_stopped_mid_epoch_resumes_on_another_number_of_ranks(elastic, before, after, tmp_path):
     stopped, steps = interrupted_run(elastic, before)
     out = tmp_path / "out"
