@@ -820,7 +820,7 @@ def test_sbatch_requeues_itself_across_a_time_limit_and_finishes_as_if_uninterru
             data24, init_weights, tmp_path, 4, 1, "Epoch: [0]  [1/6]")
     # Attempt 1: every task saved and exited 75 (none stopped early), and the script asked for a requeue.
     assert first.returncode == 75, first.stderr[-4000:]
-    exits = open(f"{root}.exits").read().splitlines()  # attempt 1's tasks, then attempt 2's
+    exits = [line.split(" at ")[0] for line in open(f"{root}.exits").read().splitlines()]  # attempt 1's, then 2's
     assert sorted(exits[:2]) == ["step 0 task 0 status 75", "step 0 task 1 status 75"], exits
     assert sorted(exits[2:]) == ["step 0 task 0 status 0", "step 0 task 1 status 0"], exits
     assert (root / "0" / "checkpoint.pth").is_file()

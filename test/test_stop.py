@@ -48,14 +48,20 @@ def srun(args, env_extra=None, **kw):
 def test_1_srun_preemption_saves_the_step_and_a_restart_right_after_is_not_refused(data48, tmp_path):
     out = tmp_path / "out"
     args = ["--kill-on-bad-exit=1", sys.executable, os.path.join(REPO, "main.py"), "--data-path", data48,
-            "--output-dir", out, *COMMON, "-b", "4", "--epochs", "1", "--workers", "1",
-            "--log-file", str(tmp_path / "train_{rank}.log")]
-    job = srun(args)
+            "--output-dir", out, *COMMON, "--model", "densenet201", "-b", "4", "--epochs", "1", "--workers", "0",
+            "--log-file", str(tmp_path / "train_{rank}.log")]  # (DenseNet-201: a save long enough to be seen)
+    exits = tmp_path / "exits.log"
+    job = srun(args, {"FAKE_SRUN_EXIT_LOG": str(exits)})
     job.wait_for(r"^Epoch: \[0\]\s+\[\s*2/12\]")
     job.p.send_signal(signal.SIGTERM)  # srun passes it to every task, as Slurm's --signal=TERM does
     assert job.finish(timeout=120) == 75, job.stdout + job.stderr
     epoch, step, _ = position(out / "checkpoint.pth")
     assert epoch == 0 and 2 <= step < 12
+    # No task left before the checkpoint was on disk: with --kill-on-bad-exit, the first task to exit makes srun
+    # stop the others, rank 0 in the middle of its save (the old code's other ranks left right away).
+    saved_at = os.stat(out / "checkpoint.pth").st_mtime
+    ended = [float(line.split(" at ")[1]) for line in exits.read_text().splitlines()]
+    assert len(ended) == 2 and min(ended) >= saved_at, (ended, saved_at)
     assert not glob.glob(str(out / ".*.tmp")), os.listdir(out)
     logs = [open(tmp_path / f"train_{r}.log").read() for r in range(2)]
     assert "Traceback" not in "".join(logs) and "second SIGTERM" not in "".join(logs), logs
