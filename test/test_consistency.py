@@ -106,7 +106,7 @@ def assert_same_state(actual, expected, what):
         assert torch.equal(actual[k], expected[k]), f"{what}: {k} differs"
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
+@pytest.mark.parametrize("nproc", [3])  # (3 ranks: an uneven split of the images; 2 ranks: test_distributed)
 def test_every_rank_evaluates_the_saved_model_and_ema(tmp_path, data, nproc):
     # The case: an unchanging model (--lr 0) and an EMA updated at every step. The BatchNorm statistics
     # still change (every forward updates them, each rank from its own shard).

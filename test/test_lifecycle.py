@@ -541,7 +541,7 @@ def test_segfault_traceback_lands_in_the_log(many_images, tmp_path):
     assert re.search(r'File ".*main\.py", line \d+ in ', text), text  # the Python stack at the crash
 
 
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("world", [2])  # (each rank its own log, whatever the count: 2 shows it)
 def test_native_output_of_every_rank_lands_in_its_log(images, tmp_path, world):
     """Ranks on gloo with TORCH_CPP_LOG_LEVEL=INFO: c10d writes its messages to fd 2 from C++. Each rank's
     train_<rank>.log holds its own (they used to reach only the terminal), where the rank's own lines are; the

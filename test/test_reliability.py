@@ -153,7 +153,7 @@ def test_save_atomic_failure_keeps_previous_file(tmp_path):
 # 2. Bit-identical resume at an epoch boundary
 # ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0])  # (with loader workers: the mid-epoch test below, SIGINT-to-group)
 def test_resume_at_epoch_boundary_is_bit_identical(data48, reference, tmp_path, workers):
     w = ["--workers", str(workers)]
     first = train(data48, tmp_path, "--epochs", "1", *w)

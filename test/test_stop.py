@@ -309,7 +309,7 @@ def test_12_time_suspended_is_not_a_data_stall(tmp_path):
     proc.wait_for(r"^Epoch: \[0\]\s+\[\s*1/12\]")  # then step 3's batch is fetched (one ahead): the FIFO
     time.sleep(0.5)
     proc.p.send_signal(signal.SIGSTOP)
-    time.sleep(8)
+    time.sleep(5)  # longer than --data-timeout
     proc.p.send_signal(signal.SIGCONT)
     feed_fifo(path, content, proc)
     assert proc.finish(timeout=120) == 0, proc.stdout + proc.stderr
