@@ -8,11 +8,12 @@ backbone: configure, set up, build, resume, then evaluate or train), train() (th
 steps they take that have no other home. Each concern lives in a module of its own:
 
     config.py      the command line and the checks that need nothing but the arguments
-    launch.py      where this process sits in its job (torchrun, srun, RANK_ID), the process group, collectives
+    launch.py      where this process sits in its job (torchrun, srun, RANK_ID); comm.py: the other ranks
     rundir.py      the run's folder: where it is, its lock, metrics.jsonl, run.json
     data.py        loaders (layout.py: the data set's layout)          trainer.py  the training step
-    engine.py      train_one_epoch, evaluate                           checkpoint.py  checkpoints and resuming
+    engine.py      train_one_epoch, evaluate                           checkpoint.py  checkpoints, resuming
     stop.py        the stop protocol: every way a run ends             device.py  NPU / GPU / CPU
+    lifecycle.py   output streams, the rank log, exits                 weights.py  reading weight files
 """
 import os
 import signal

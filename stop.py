@@ -6,7 +6,7 @@ many unreadable images, a non-finite loss, a lost peer -- or the end of the work
 whichever rank it reaches, the ranks go through the same states:
 
     SETUP ------- a signal -----------------------------------------------> exit 128+n, one line, nothing saved
-      | protected()  (training, evaluation, the epoch's saves)
+      | running()  (training, evaluation; saving() around each save)
       v
     RUNNING ----- a cause on some rank: recorded only -----> REQUESTED (that rank)
       |  ^                                                       | at the next boundary (a step, an evaluation
@@ -17,8 +17,8 @@ whichever rank it reaches, the ranks go through the same states:
       |                                     | the loss finite on every rank? else exit 3, nothing written
       |                                     v
       |                                 SAVING (saving()): rank 0 writes what it owes -- the checkpoint of the
-      |                                     | step reached; nothing when the epoch's training is on disk already --
-      |                                     | while further signals are only recorded
+      |                                     | step reached; nothing when the epoch's training is on disk already
+      |                                     | or this attempt trained nothing -- while signals are only recorded
       |                                     v
       |                                 SAVED: a barrier; no rank exits before the file is durable, so srun's
       |                                     | --kill-on-bad-exit and torchrun, which stop the job when the first
@@ -27,8 +27,8 @@ whichever rank it reaches, the ranks go through the same states:
     DONE (0) -----------------------> EXIT with the most serious cause's code (the table below), one line per rank
 
     A collective fails (a lost peer): no agreement is possible. On gloo the survivors take turns at the output
-    folder's lock, and the first to hold it saves the step reached (rank 0 when it survived: it holds the lock
-    already); on NCCL/HCCL the communicators are aborted and nothing mid-epoch is saved (a step in flight on the
+    folder's lock, the lowest first, and the first to hold it saves the step reached (rank 0 when it survived: it
+    holds the lock already); on NCCL/HCCL the communicators are aborted and nothing mid-epoch is saved (a step in flight on the
     device cannot be told complete or not). Exit 1.
     A second signal more than DUPLICATE_WINDOW_S after the first, before SAVING: exit at once, without saving.
 """
