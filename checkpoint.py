@@ -201,6 +201,8 @@ class Position:
     def describe(self):
         if self.step:
             return f"from epoch {self.epoch}, step {self.step} (saved mid-epoch)"
+        if self.epoch == 0:  # a weights-only file, or one saved before any epoch finished
+            return "no finished epoch recorded"
         return f"after epoch {self.epoch - 1}"
 
 

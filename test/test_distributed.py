@@ -264,15 +264,15 @@ def reference_accuracy(model_state, val_root):
     return f"{acc1:.3f}", f"{acc5:.3f}"
 
 
-def test_evaluation_is_exact_for_1_2_3_processes(runs, tmp_path):
-    # 101 validation images (17 x 5 + 16): not divisible by 2, 3 or the batch 6, so any padding,
-    # dropping or double counting would change the count or the accuracy.
+def test_evaluation_is_exact_for_1_and_3_processes(runs, tmp_path):
+    # 101 validation images (17 x 5 + 16): not divisible by 3 or the batch 6, so any padding, dropping or double
+    # counting would change the count or the accuracy. (2 ranks: every 2-rank run's evaluation, test_consistency.)
     root = write_folder(tmp_path / "data", {"train": [1] * 6, "val": [17, 17, 17, 17, 17, 16]}, seed=1)
     ckpt = str(runs["dir"] / "1p" / "checkpoint.pth")
     args = ["--model", "densenet121", *SMALL_RUN, "--data-path", root, "--test-only", "--resume", ckpt,
             "--batch-size", "6", "--output-dir", str(tmp_path / "out")]
     results = {}
-    for nproc in (1, 2, 3):
+    for nproc in (1, 3):
         proc = run_main(args, env=clean_env(), inherit_env=False, timeout=300) if nproc == 1 else \
             torchrun(nproc, ["main.py", *args])
         log = assert_ok(proc)
@@ -281,7 +281,7 @@ def test_evaluation_is_exact_for_1_2_3_processes(runs, tmp_path):
         assert len(found) == 1, log  # rank 0 alone reports
         results[nproc] = found[0]
     expected = (*reference_accuracy(load_model(ckpt), os.path.join(root, "val")), "101")
-    assert results == {1: expected, 2: expected, 3: expected}
+    assert results == {1: expected, 3: expected}
 
 
 # ----------------------------------------------------------------------------
@@ -409,7 +409,7 @@ def worker_pid(output_root, rank):
 
 # --keep-checkpoints 1: model_0.pth marks the end of epoch 0 for the kill (no longer kept by default).
 # No mixup: rank 0 saves when its peer dies, and the dead rank's RNG state (mixup's draws) dies with it.
-RESTART_RUN = ["--epochs=3", "--keep-checkpoints", "1"]
+RESTART_RUN = ["--epochs=2", "--keep-checkpoints", "1"]
 
 
 def final_model(output_dir):
@@ -448,7 +448,7 @@ def assert_resumed_once(log_path):
 
 def assert_same_weights(actual, expected):
     (epoch_a, model_a), (epoch_e, model_e) = actual, expected
-    assert epoch_a == epoch_e == 2
+    assert epoch_a == epoch_e == 1  # the last of --epochs=2
     for name, value in model_e.items():
         assert torch.equal(model_a[name], value), name
 

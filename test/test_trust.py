@@ -223,7 +223,7 @@ def interrupted_run(elastic, ranks):
     return out, steps
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (2, 3)])  # (1 onto 3, an uneven last step: test_stop.py test_8)
+@pytest.mark.parametrize("before, after", [(2, 1)])  # (onto more ranks, an uneven last step: test_stop.py test_8)
 def test_a_run_stopped_mid_epoch_resumes_on_another_number_of_ranks(elastic, before, after, tmp_path):
     stopped, steps = interrupted_run(elastic, before)
     out = tmp_path / "out"
