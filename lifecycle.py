@@ -141,10 +141,11 @@ class _Terminal:
                         _write_all(other, warning.encode(ENCODING, "backslashreplace"))
 
     def drain(self, timeout):
-        """Wait (at most `timeout` s) until everything queued is written."""
+        """Wait (at most `timeout` s) until everything queued is written: `queued`, not `queue`, which is empty
+        already while the thread writes the last item it took (an exit then would lose the run's last line)."""
         deadline = time.monotonic() + timeout
         with self.lock:
-            while self.queue and time.monotonic() < deadline and self.thread is not None:
+            while self.queued and time.monotonic() < deadline and self.thread is not None:
                 self.lock.wait(max(0.0, deadline - time.monotonic()))
 
 

@@ -327,6 +327,22 @@ def test_failed_stdout_writes_are_dropped_with_one_warning():
                                         "from now on", "done"], proc.stderr
 
 
+def test_the_last_line_reaches_a_slow_terminal_before_the_process_ends():
+    """main.py ends with os._exit (no interpreter teardown, no daemon thread left running): close_output must wait
+    for the line the terminal thread is writing, not only for an empty queue. Found by a rank whose one-line error
+    never reached its stderr pipe under load (test_slurm's ranks-disagree tests, once)."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import os, sys, time, lifecycle
+        lifecycle.guard_streams()
+        write_all = lifecycle._write_all
+        lifecycle._write_all = lambda fd, data: (time.sleep(0.5), write_all(fd, data))  # a slow reader
+        print("error: the last line", file=sys.stderr)
+        lifecycle.close_output()
+        os._exit(2)
+    """)], cwd=REPO, capture_output=True, text=True, timeout=60, env=clean_env())
+    assert proc.returncode == 2 and proc.stderr == "error: the last line\n", proc.stderr
+
+
 def test_log_capture_survives_ctrl_c_to_the_process_group(tmp_path):
     """Ctrl-C reaches every process of the foreground group: what the trainer writes after it (its "Preempted
     ... checkpoint saved" line) must still reach the file and the terminal; native writes to fd 2 reach the
