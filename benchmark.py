@@ -79,6 +79,7 @@ import data as data_lib  # noqa: E402
 import densenet  # noqa: E402
 import device as device_lib  # noqa: E402
 import launch as launch_lib  # noqa: E402
+import lifecycle  # noqa: E402
 from bench_core import (RESULTS, Config, Memory, OursSpec, dtype_name, fmt_mib, fmt_rates, ints,  # noqa: E402
                         measure, ours_step_fn, out, record, reference_amp_dtype, reference_step_fn, synthetic_batch,
                         time_windows, write_json)
@@ -399,4 +400,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    lifecycle.guard_streams()  # `| head`: a closed stdout is one warning, not a traceback; files still written
     main()

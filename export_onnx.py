@@ -31,6 +31,7 @@ import warnings
 import torch
 
 import densenet
+import lifecycle
 import checkpoint
 import weights
 from cli import UserError, describe_os_error, run_tool
@@ -167,4 +168,5 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
+    lifecycle.guard_streams()  # `| head`: a closed stdout is one warning, not a traceback; files still written
     sys.exit(run())

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+import lifecycle
 from cli import UserError, run_tool
 
 
@@ -132,4 +133,5 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
+    lifecycle.guard_streams()  # `| head`: a closed stdout is one warning, not a traceback; files still written
     sys.exit(run())

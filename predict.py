@@ -29,6 +29,7 @@ cli.check_torchvision()  # before `import data`: a torchvision built for another
 
 import data as data_lib
 import launch
+import lifecycle
 import layout as layout_lib
 import densenet
 import checkpoint
@@ -263,4 +264,5 @@ def run(argv=None):
 
 
 if __name__ == "__main__":
+    lifecycle.guard_streams()  # `| head`: a closed stdout is one warning, not a traceback; files still written
     sys.exit(run())

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 
+import lifecycle
 from cli import ArgumentParser, UserError, run_tool
 from plot_metrics import read_metrics  # one reader of metrics.jsonl: the last record of each epoch
 
@@ -88,4 +89,5 @@ def main(args):
 
 
 if __name__ == "__main__":
+    lifecycle.guard_streams()  # `| head`: a closed stdout is one warning, not a traceback; files still written
     sys.exit(run_tool(main, get_args_parser().parse_args(), expected=(OSError, ValueError, KeyError)))

@@ -265,6 +265,27 @@ def test_predict_names_the_right_classes_csv(trained, new_images, tmp_path):
             assert probs == sorted(probs, reverse=True) and abs(sum(probs) - 1) < 1e-4
 
 
+def test_predict_into_a_closed_pipe_still_writes_its_output_file(trained, new_images, tmp_path):
+    # `predict.py ... --output preds.csv | head -3`: head gone, the rest of the printing fails with EPIPE. Before:
+    # a BrokenPipeError traceback, exit 1, and no preds.csv. (A pipe nobody reads: head that has exited.)
+    out_dir, _ = trained
+    csv_path = tmp_path / "preds.csv"
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run([sys.executable, os.path.join(REPO, "predict.py"), "--weights",
+                               str(out_dir / "checkpoint.pth"), "--device", "cpu", "-b", "1", "--output",
+                               str(csv_path), *new_images["class_0"]], cwd=REPO, env={**os.environ, **ONE_THREAD},
+                              stdout=w, stderr=subprocess.PIPE, text=True, timeout=600)
+    finally:
+        os.close(w)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert [l for l in proc.stderr.splitlines() if "cannot be written" in l] == [
+        "warning: stdout cannot be written (Broken pipe): its output is dropped from now on"], proc.stderr
+    with open(csv_path) as f:
+        assert len(list(csv.DictReader(f))) == len(new_images["class_0"]) * 3
+
+
 def test_predict_json(trained, new_images, tmp_path, capsys):
     out_dir, _ = trained
     json_path = tmp_path / "preds.json"
