@@ -2,9 +2,9 @@
 arguments (validate_args: one line and exit code 2 before any work). What needs the file system or the
 launcher (files that must exist, the data set, the output folder) is checked by main.preflight.
 
-The image sizes and --interpolation default to None: a resumed or --test-only run takes them from the
-checkpoint it reads (the preprocessing the model was trained with), a fresh run from DEFAULT_SIZES
-(resolve_preprocessing)."""
+--model, the image sizes and --interpolation default to None: a resumed or --test-only run takes them from the
+checkpoint it reads (the architecture and the preprocessing the model was trained with), a fresh run from
+FROM_CHECKPOINT's defaults (resolve_from_checkpoint)."""
 import argparse
 import math
 
@@ -56,7 +56,8 @@ def get_args_parser():
     g("--cache-dataset", action="store_true",
       help="accepted for the original's scripts; a no-op here (the file list is scanned at start, in seconds)")
     g = p.add_argument_group("model").add_argument
-    g("--model", default="densenet201", choices=sorted(densenet.MODELS), help="architecture")
+    g("--model", default=None, choices=sorted(densenet.MODELS),
+      help=f"architecture (default: the checkpoint's with --resume or --test-only, else {DEFAULT_MODEL})")
     g("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
       help="classifier outputs (default: the number of class folders in train/; 1000 for --synthetic)")
     g("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
@@ -220,10 +221,14 @@ SMALLEST_IMAGE = 29
 # fresh run uses when they are not given (torchvision's ImageNet presets).
 DEFAULT_PREPROCESSING = {"train_crop_size": 224, "val_resize_size": 256, "val_crop_size": 224,
                          "interpolation": "bilinear"}
+DEFAULT_MODEL = "densenet201"
+# What a resumed or --test-only run takes from its checkpoint when the flag is not given: the architecture too
+# (a densenet121 run evaluated without --model is a densenet121, as predict.py and export_onnx.py read it).
+FROM_CHECKPOINT = {"model": DEFAULT_MODEL, **DEFAULT_PREPROCESSING}
 
 
 def check_image_sizes(args):
-    """The sizes given (None: not given yet, see resolve_preprocessing) fit DenseNet and each other."""
+    """The sizes given (None: not given yet, see resolve_from_checkpoint) fit DenseNet and each other."""
     sizes = {flag: getattr(args, flag) for flag in ("train_crop_size", "val_resize_size", "val_crop_size")}
     for name, size in sizes.items():
         if size is not None and size <= 0:
@@ -235,16 +240,17 @@ def check_image_sizes(args):
         raise UserError("--val-crop-size cannot exceed --val-resize-size")
 
 
-def resolve_preprocessing(args, recorded=None):
-    """Fill in the preprocessing flags not given: from `recorded` (the checkpoint's saved configuration, when
-    the run resumes it or evaluates it), else the defaults. Returns {flag: value} of what the checkpoint changed
-    from the defaults, for the log. Called once, before the data is built; args is not changed after it."""
+def resolve_from_checkpoint(args, recorded=None):
+    """Fill in the flags of FROM_CHECKPOINT not given: from `recorded` (the checkpoint's saved configuration,
+    when the run resumes it or evaluates it), else the defaults. Returns {flag: value} of what the checkpoint
+    changed from the defaults, for the log. Called once, before the data is built; args is not changed after it."""
+    known = {"model": densenet.MODELS, "interpolation": INTERPOLATIONS}  # a value this code cannot use is not taken
     taken = {}
-    for name, default in DEFAULT_PREPROCESSING.items():
+    for name, default in FROM_CHECKPOINT.items():
         if getattr(args, name) is not None:
             continue
         value = (recorded or {}).get(name)
-        if value is not None and value != default and (name != "interpolation" or value in INTERPOLATIONS):
+        if value is not None and value != default and (name not in known or value in known[name]):
             taken[name] = value
         setattr(args, name, taken.get(name, default))
     check_image_sizes(args)

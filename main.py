@@ -74,7 +74,7 @@ def main(args, stop=None):
     comm.record_peers()  # every rank's host and pid: a rank that dies can be named
     stop.doing = "resume"
     found = checkpoint.read_resume_checkpoint(run.resume, args.output_dir)
-    taken = config.resolve_preprocessing(args, found.config if found else None)  # (only those not the defaults)
+    taken = config.resolve_from_checkpoint(args, found.config if found else None)  # (only those not the defaults)
     amp = device_lib.build_mixed_precision(args, run.device)  # before any data is read: a missing apex fails fast
     log(f"Device: {run.device.describe()}; world size {run.world_size}; "
         + (f"global batch {args.batch_size} = {run.world_size} x {run.local_batch}" if run.distributed
@@ -82,7 +82,7 @@ def main(args, stop=None):
     if launch.restart_count():
         log(f"Attempt {launch.restart_count() + 1}: the launcher started this job again; it resumes by itself")
     if taken:
-        log(f"Preprocessing from {found.path} (the flags were not given): "
+        log(f"From {found.path} (the flags were not given): "
             + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in taken.items()))
     stop.doing = "the dataset scan"
     data = data_lib.build(args, run, found_layout)
@@ -235,10 +235,11 @@ def preflight(args, job):
                         f"in {args.data_path}/train; drop it or give at least {len(classes)}")
     # From here on args.output_dir is the run's folder (never changed again; the other ranks get rank 0's).
     given = args.output_dir is not None
-    args.output_dir, where = rundir.resolve_output_dir(args.output_dir, args.model, args.resume == "auto", rank0)
+    model = args.model or config.DEFAULT_MODEL  # (the checkpoint's, when not given, is known only after this)
+    args.output_dir, where = rundir.resolve_output_dir(args.output_dir, model, args.resume == "auto", rank0)
     found = where is not None and os.path.isdir(args.output_dir)
     if rank0 and not given and args.test_only and args.resume == "auto" and not found:
-        raise UserError(f"--test-only --resume auto: no {args.model} run with a checkpoint under "
+        raise UserError(f"--test-only --resume auto: no {model} run with a checkpoint under "
                         f"{rundir.DEFAULT_OUTPUT_ROOT}; give --output-dir DIR or --resume FILE")
     if where and (found or not args.test_only):
         print(where, flush=True)

@@ -65,11 +65,11 @@ def acc_lines(log):
 
 def test_parser_defaults():
     a = parse()
-    assert a.model == "densenet201"
     # Not given: a resumed or --test-only run takes them from its checkpoint, a fresh one from these defaults.
-    assert (a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == (None, None, None, None)
-    config.resolve_preprocessing(a)
-    assert (a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == (224, 256, 224, "bilinear")
+    assert (a.model, a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == (None,) * 5
+    config.resolve_from_checkpoint(a)
+    assert (a.model, a.train_crop_size, a.val_resize_size, a.val_crop_size, a.interpolation) == \
+        ("densenet201", 224, 256, 224, "bilinear")
     assert a.device == "auto"
     assert a.data_path is None and a.resume == "" and a.start_epoch == 0
     assert not (a.test_only or a.pretrained or a.amp or a.apex or a.distributed)

@@ -67,20 +67,24 @@ def test_test_only_evaluates_at_the_checkpoints_sizes_unless_flags_are_given(tmp
     assert f"{row['val_acc1']:.3f}" == trained_acc1 and f"{row['val_loss']:.4f}" == trained_loss, row
     assert best.is_file()
 
-    evaluated = run_main(["--data-path", root, "--output-dir", str(tmp_path / "eval"), *BASE, "--test-only",
+    # Neither the sizes nor --model given (the checkpoint is a densenet121; the default is densenet201): both from
+    # the checkpoint, as predict.py and export_onnx.py read them. (Before: the wrong size, then the wrong model.)
+    no_model = [a for a in BASE if a not in ("--model", "densenet121")]
+    evaluated = run_main(["--data-path", root, "--output-dir", str(tmp_path / "eval"), *no_model, "--test-only",
                           "--resume", str(best)], env=ENV)
     log = assert_ok(evaluated)
     assert evaluation(log) == (trained_acc1, trained_loss), log
-    said = last(r"^Preprocessing from .*$", log)
-    assert said.startswith(f"Preprocessing from {best} ") and "--val-resize-size 64" in said \
-        and "--val-crop-size 64" in said and "--train-crop-size 64" in said, said
+    said = last(r"^From .*$", log)
+    assert said.startswith(f"From {best} (the flags were not given): --model densenet121, ") \
+        and "--val-resize-size 64" in said and "--val-crop-size 64" in said and "--train-crop-size 64" in said, said
+    assert "Model: densenet121, 3 classes" in log, log
 
     # Flags given win over the checkpoint; only the ones not given come from it.
     flagged = run_main(["--data-path", root, "--output-dir", str(tmp_path / "eval2"), *BASE, "--test-only",
                         "--resume", str(best), "--val-resize-size", "40", "--val-crop-size", "32"], env=ENV)
     log = assert_ok(flagged)
-    said = last(r"^Preprocessing from .*$", log)
-    assert "--train-crop-size 64" in said and "--val-resize-size" not in said and "--val-crop-size" not in said, said
+    said = last(r"^From .*$", log)
+    assert "--model" not in said and "--train-crop-size 64" in said and "--val-resize-size" not in said and "--val-crop-size" not in said, said
     assert evaluation(log)[1] != trained_loss, log  # evaluated at 32 px: another loss than at 64 px
 
 

@@ -283,7 +283,7 @@ def run_steps(model, argv, steps=3, batch_size=4, size=32):
     architecture is the tiny `model` instead of --model's. Returns the epoch's stats and the model."""
     args = config.get_args_parser().parse_args(["--synthetic", "--device", "cpu", "--model", "densenet121",
                                                 "--print-freq", "1", "--warmup-steps", "1", "--lr", "0.1", *argv])
-    config.resolve_preprocessing(args)
+    config.resolve_from_checkpoint(args)
     device = resolve_device("cpu")
     torch.manual_seed(0)
     amp = build_mixed_precision(args, device)
