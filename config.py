@@ -57,7 +57,7 @@ def get_args_parser():
       help="accepted for the original's scripts; a no-op here (the file list is scanned at start, in seconds)")
     g = p.add_argument_group("model").add_argument
     g("--model", default=None, choices=sorted(densenet.MODELS),
-      help=f"architecture (default: the checkpoint's with --resume or --test-only, else {DEFAULT_MODEL})")
+      help=f"architecture; resuming or --test-only: the checkpoint's unless given (default: {DEFAULT_MODEL})")
     g("--num_classes", "--num-classes", dest="num_classes", type=int, default=None,
       help="classifier outputs (default: the number of class folders in train/; 1000 for --synthetic)")
     g("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
