@@ -209,7 +209,7 @@ device_lib.configure_backends(dev)
 dist.init_process_group("nccl", rank=0, world_size=1, device_id=dev.torch_device)
 args = config.get_args_parser().parse_args(["--synthetic", "--device", "cuda", "--model", "densenet121", "--amp",
                                             "-b", "32", "--num_classes", "10"])
-config.resolve_preprocessing(args)
+config.resolve_from_checkpoint(args)
 amp = device_lib.build_mixed_precision(args, dev)
 tr = trainer_lib.build_trainer(args, dev, 10, amp, channels_last=True, distributed=True, local_batch=32, world_size=1)
 assert isinstance(tr.model, torch.nn.parallel.DistributedDataParallel), type(tr.model)

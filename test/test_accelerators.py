@@ -14,6 +14,7 @@ Each test's first comment says what the code before the fix did.
 import importlib
 import json
 import math
+import re
 import os
 import shutil
 import subprocess
@@ -581,3 +582,23 @@ def test_configure_backends_selects_npu_binary_kernels(monkeypatch):
     assert calls == [{"jit_compile": False}]
     monkeypatch.setattr(torch, "npu", types.SimpleNamespace(), raising=False)  # an older torch_npu: no such call
     device_lib.configure_backends(NPU)
+
+
+def test_gpu_checks_python_calls_what_this_repository_has():
+    """test/gpu_check.sh runs only on a GPU machine, never in CI: its inline Python must still call functions
+    that exist and parse flags main.py takes (a renamed config function once broke it unseen)."""
+    import ast
+    with open(os.path.join(REPO, "test", "gpu_check.sh")) as f:
+        snippets = re.findall(r"\"\$PY\" -c '\n(.*?)\n'", f.read(), re.S)
+    assert snippets
+    for code in snippets:
+        tree = ast.parse(code)
+        ours = {alias.asname or alias.name: importlib.import_module(alias.name)
+                for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+                if os.path.isfile(os.path.join(REPO, alias.name + ".py"))}
+        assert ours, code
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ours:
+                assert hasattr(ours[node.value.id], node.attr), f"gpu_check.sh calls {node.value.id}.{node.attr}"
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "parse_args" and node.args:
+                main.get_args_parser().parse_args(ast.literal_eval(node.args[0]))  # SystemExit on a bad flag
