@@ -190,7 +190,7 @@ def smallest_batch(crop_size):
     """The fewest images a rank can train a step on. BatchNorm needs two values per channel: one image is enough
     unless DenseNet's last feature map is 1x1 (crops of 60 px or less), where it needs two. (Stem conv and
     max-pool round up, the three transitions' average pools round down.)"""
-    side = -(-(-(-crop_size // 2)) // 2) // 8
+    side = math.ceil(math.ceil(crop_size / 2) / 2) // 8  # stem conv and max-pool (ceil), then 2 x 2 x 2 (floor)
     return 2 if side <= 1 else 1
 
 

@@ -241,8 +241,8 @@ def setup(args, job, log=print):
         device_ids = [args.device_id]
     device = device_lib.resolve_device(args.device, job.local_rank, device_ids)
     device_lib.configure_backends(device, args.deterministic)
-    share, _ = default_workers(job.local_world_size, launcher=job.style)
-    device_lib.set_threads_per_rank(device, share + 1)  # this rank's CPUs: the node's, or the srun task's own
+    share = default_workers(job.local_world_size, launcher=job.style)  # (workers, where that number came from)
+    device_lib.set_threads_per_rank(device, share[0] + 1)  # this rank's CPUs: the node's, or the srun task's own
     if distributed:
         if args.sync_bn:
             device_lib.check_sync_bn(device)
@@ -251,7 +251,7 @@ def setup(args, job, log=print):
         join(job, device, backend, args)
         args.output_dir = comm.broadcast_from_main(args.output_dir)
     # --workers is per machine, shared among its ranks (the original's rule: ceil(workers / ranks per node)).
-    workers, workers_from = default_workers(job.local_world_size, launcher=job.style) if args.workers is None else \
+    workers, workers_from = share if args.workers is None else \
         (-(-args.workers // job.local_world_size), f"--workers {args.workers}" + (
             f" / {job.local_world_size} ranks on this node" if job.local_world_size > 1 else ""))
     return Run(device=device, rank=job.rank, local_rank=job.local_rank, world_size=job.world_size,

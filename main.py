@@ -44,8 +44,8 @@ import checkpoint  # noqa: E402
 import config  # noqa: E402
 import data as data_lib  # noqa: E402
 import device as device_lib  # noqa: E402
+import comm  # noqa: E402
 import engine  # noqa: E402
-import comm
 import launch  # noqa: E402
 import layout  # noqa: E402
 import lifecycle  # noqa: E402

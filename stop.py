@@ -28,8 +28,8 @@ whichever rank it reaches, the ranks go through the same states:
 
     A collective fails (a lost peer): no agreement is possible. On gloo the survivors take turns at the output
     folder's lock, the lowest first, and the first to hold it saves the step reached (rank 0 when it survived: it
-    holds the lock already); on NCCL/HCCL the communicators are aborted and nothing mid-epoch is saved (a step in flight on the
-    device cannot be told complete or not). Exit 1.
+    holds the lock already); on NCCL/HCCL the communicators are aborted and nothing mid-epoch is saved (a step in
+    flight on the device cannot be told complete or not). Exit 1.
     A second signal more than DUPLICATE_WINDOW_S after the first, before SAVING: exit at once, without saving.
 """
 import contextlib
