@@ -258,17 +258,26 @@ def record_peers():
 
 def lost_peers():
     """The ranks on this machine whose process is gone (after a collective failed); [] if none can be told."""
+    return [rank for rank, alive in _local_peers() if not alive]
+
+
+def living_ranks_below(rank):
+    """The ranks below `rank` on this machine whose process still runs (ranks elsewhere cannot be seen)."""
+    return [r for r, alive in _local_peers() if alive and r < rank]
+
+
+def _local_peers():
+    """(rank, whether its process still runs) for the other ranks on this machine (record_peers)."""
     host = socket.gethostname()
-    gone = []
     for rank, (peer_host, pid) in enumerate(_peers):
         if peer_host == host and pid != os.getpid():
             try:
                 os.kill(pid, 0)
+                yield rank, True
             except ProcessLookupError:
-                gone.append(rank)
+                yield rank, False
             except OSError:
-                pass
-    return gone
+                yield rank, True  # it exists (another user's process: a pid reused)
 
 
 def broadcast_from_main(obj):

@@ -241,18 +241,23 @@ def claim(output_dir, resume, overwrite, resuming):
     return lock
 
 
-def survivor_turn(output_dir, rank, wait_s=60):
+def survivor_turn(output_dir, rank, wait_s=60, grace_s=10):
     """After a lost peer, on each surviving rank: whether it is the one to save the step the survivors reached.
     The folder's lock decides, so that exactly one does: rank 0 holds it already when it survived; else the
-    survivors try in rank order (the lowest first) and the first to get it saves. The others wait (at most
-    `wait_s`) until the saver has released it -- it has then saved and exited -- so that no rank exits, and
-    makes srun or torchrun stop the job, while the save is under way. A rank that cannot see the folder (on
-    another machine) does not save."""
+    survivors go in rank order, the lowest first: a rank tries the lock once no lower rank on this machine is
+    still running (it is then the lowest survivor, or a lower one has saved and exited), or after `grace_s`
+    (a lower rank that hangs); ranks on other machines cannot be seen and only get a head start of 0.2 s per
+    rank. A rank that does not get the lock waits (at most `wait_s`) until the saver has released it -- it has
+    then saved and exited -- so that no rank exits, and makes srun or torchrun stop the job, while the save is
+    under way. A rank that cannot see the folder (on another machine) does not save."""
     if os.path.realpath(output_dir) in _held_locks:
         return True
     if not os.path.isdir(output_dir):
         return False
+    start = time.monotonic()
     time.sleep(0.2 * rank)
+    while comm.living_ranks_below(rank) and time.monotonic() - start < grace_s:
+        time.sleep(0.1)
     try:
         lock_output_dir(output_dir)
         return True
